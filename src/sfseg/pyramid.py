@@ -1,0 +1,266 @@
+"""The pyramid math of Specialize and Fuse, as pure tensor functions.
+
+Everything here works on tensors only (CPU or CUDA, float32 or under autocast), so the model, the
+training loop, the tests, the notebooks and the benchmarks all call the same code.
+
+Conventions (DESIGN 1): levels are ordered coarse to fine, list index 0 is the paper's level 1 and
+index L-1 is level L. Level l has stride s_l = 4 * 2^(L-l); level L has the backbone's stride 4.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FINEST_STRIDE = 4
+IGNORE_INDEX = 255
+RELABEL_POLICIES = ("naive", "oracle", "true_positive")
+
+
+def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[int]:
+    """Strides s_1..s_L, coarse to fine: s_l = finest_stride * 2^(L-l)."""
+    if num_levels < 1:
+        raise ValueError(f"model.levels must be >= 1, got {num_levels}")
+    return [finest_stride * 2 ** (num_levels - 1 - i) for i in range(num_levels)]
+
+
+def unity_logit_threshold(tau: float) -> float:
+    """The logit z with sigmoid(z) == tau: "predicted unity >= tau" is "logit >= this"."""
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"model.tau must be in the open interval (0, 1), got {tau}")
+    return math.log(tau / (1.0 - tau))
+
+
+def repeat_cells(x: Tensor, factor: int) -> Tensor:
+    """Nearest-neighbour upsampling of the last two dims by an integer factor, exact for any dtype."""
+    if factor == 1:
+        return x
+    *lead, h, w = x.shape
+    return x[..., :, None, :, None].expand(*lead, h, factor, w, factor).reshape(*lead, h * factor, w * factor)
+
+
+def _factor(fine: Tensor, coarse: Tensor) -> int:
+    return fine.shape[-1] // coarse.shape[-1]
+
+
+@dataclass(frozen=True)
+class PyramidTargets:
+    """Ground-truth pyramids (Sec. 3.1).
+
+    semantic: L LongTensors; levels 1..L-1 are [B, H/s_l, W/s_l] with mix and empty cells ignored,
+        level L is the per-pixel label map [B, H, W] (supervised at input resolution, DESIGN 1).
+    unity: L-1 LongTensors [B, H/s_l, W/s_l]: 1 unity cell, 0 mix cell, ignore_index no valid pixel.
+    """
+
+    semantic: list[Tensor]
+    unity: list[Tensor]
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.semantic)
+
+
+def build_targets(labels: Tensor, num_levels: int, ignore_index: int = IGNORE_INDEX) -> PyramidTargets:
+    """Build the semantic and unity pyramids from per-pixel labels [B, H, W] (Sec. 3.1).
+
+    A cell's valid pixels are those not equal to ignore_index. The per-cell min and max label over
+    the valid pixels are pooled once to the finest cell level and then 2x2 per coarser level, so
+    the whole pyramid costs about one pass over the labels.
+    """
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be [B, H, W], got shape {tuple(labels.shape)}")
+    strides = level_strides(num_levels)
+    height, width = labels.shape[-2:]
+    if height % strides[0] or width % strides[0]:
+        raise ValueError(
+            f"label size {height}x{width} must be divisible by the coarsest stride {strides[0]} "
+            f"(model.levels={num_levels}); pad inputs to a multiple of it"
+        )
+    labels = labels.long()
+    if num_levels == 1:
+        return PyramidTargets(semantic=[labels], unity=[], ignore_index=ignore_index)
+
+    # int16 holds every class id and the ignore index and makes the reductions 4x lighter than int64.
+    small = labels.to(torch.int16)
+    valid = labels != ignore_index
+    no_label_high = torch.iinfo(torch.int16).max
+    low = small.masked_fill(~valid, no_label_high)
+    high = small.masked_fill(~valid, -1)
+
+    semantic: list[Tensor] = []
+    unity: list[Tensor] = []
+    cell = 1  # low/high start at pixel resolution
+    for stride in reversed(strides[:-1]):  # fine to coarse: 8, 16, ...
+        factor = stride // cell
+        low = _pool_cells(low, factor, torch.amin)
+        high = _pool_cells(high, factor, torch.amax)
+        cell = stride
+        has_valid = high >= 0
+        is_unity = has_valid & (low == high)
+        unity.append(torch.where(has_valid, is_unity.long(), ignore_index))
+        semantic.append(torch.where(is_unity, high.long(), ignore_index))
+    semantic.reverse()
+    unity.reverse()
+    semantic.append(labels)
+    return PyramidTargets(semantic=semantic, unity=unity, ignore_index=ignore_index)
+
+
+def _pool_cells(x: Tensor, factor: int, reduce) -> Tensor:
+    batch, height, width = x.shape
+    cells = x.view(batch, height // factor, factor, width // factor, factor)
+    return reduce(cells, dim=(2, 4))
+
+
+@torch.no_grad()
+def relabel(
+    targets: PyramidTargets, unity_logits: list[Tensor], policy: str, tau: float = 0.9
+) -> PyramidTargets:
+    """Mark cells "done by coarser" as ignore in both pyramids (Sec. 3.2, Table 7; DESIGN 1).
+
+    A cell is done by coarser when an ancestor k < l satisfies the policy:
+      naive: never; oracle: the ancestor is a ground-truth unity cell;
+      true_positive: the ancestor is a ground-truth unity cell and its predicted unity >= tau.
+    Never carries gradient; returns new targets and leaves the input untouched.
+    """
+    if policy not in RELABEL_POLICIES:
+        raise ValueError(f"model.relabel.policy={policy!r} is not one of {', '.join(RELABEL_POLICIES)}")
+    levels = targets.num_levels
+    if policy == "naive" or levels == 1:
+        return PyramidTargets(list(targets.semantic), list(targets.unity), targets.ignore_index)
+    if policy == "true_positive":
+        if len(unity_logits) != levels - 1:
+            raise ValueError(f"expected {levels - 1} unity logit maps, got {len(unity_logits)}")
+        threshold = unity_logit_threshold(tau)
+    ignore = targets.ignore_index
+
+    semantic: list[Tensor] = []
+    unity: list[Tensor] = []
+    done: Tensor | None = None  # done-by-coarser mask at the previous level's resolution
+    for level in range(levels):
+        sem = targets.semantic[level]
+        done_here = None if done is None else repeat_cells(done, _factor(sem, done))
+        semantic.append(sem if done_here is None else sem.masked_fill(done_here, ignore))
+        if level == levels - 1:
+            break
+        gt_unity = targets.unity[level]
+        unity.append(gt_unity if done_here is None else gt_unity.masked_fill(done_here, ignore))
+        accept = gt_unity == 1
+        if policy == "true_positive":
+            logits = unity_logits[level]
+            if logits.shape != gt_unity.shape:
+                raise ValueError(
+                    f"unity logits of level {level + 1} have shape {tuple(logits.shape)}, "
+                    f"targets {tuple(gt_unity.shape)}"
+                )
+            accept &= logits.detach().float() >= threshold
+        done = accept if done_here is None else done_here | accept
+    return PyramidTargets(semantic, unity, ignore)
+
+
+def fuse(
+    semantic_logits: list[Tensor], unity_logits: list[Tensor], tau: float = 0.9
+) -> tuple[Tensor, Tensor]:
+    """Fuse the two pyramids into one prediction at the finest level (Eq. 2).
+
+    Each finest cell takes the semantic logits of the coarsest level whose predicted unity >= tau;
+    level L always accepts. Up() is nearest-neighbour. Returns the fused logits [B, C, h_L, w_L] and
+    the level map [B, h_L, w_L] with level indices 0..L-1 (0 = coarsest).
+    """
+    levels = len(semantic_logits)
+    if len(unity_logits) != levels - 1:
+        raise ValueError(
+            f"fuse needs L-1={levels - 1} unity maps for L={levels} levels, got {len(unity_logits)}"
+        )
+    finest = semantic_logits[-1]
+    level_map = torch.full(
+        finest.shape[:1] + finest.shape[2:], levels - 1, dtype=torch.long, device=finest.device
+    )
+    if levels == 1:
+        return finest, level_map
+
+    threshold = unity_logit_threshold(tau)
+    undecided = torch.ones_like(level_map, dtype=torch.bool)
+    fused = finest
+    for level in range(levels - 1):
+        # 1[Up(U^l) >= tau] * prod_{k<l} 1[Up(U^k) < tau]: the coarsest accepting level wins (Eq. 2).
+        factor = _factor(finest, unity_logits[level])
+        accept = repeat_cells(unity_logits[level].float() >= threshold, factor)
+        take = accept & undecided
+        level_map = level_map.masked_fill(take, level)
+        fused = torch.where(take.unsqueeze(1), repeat_cells(semantic_logits[level], factor), fused)
+        undecided &= ~accept
+    return fused, level_map
+
+
+@dataclass(frozen=True)
+class PyramidLoss:
+    """Eq. 1's total and its terms: one CE per semantic level, one BCE per unity level."""
+
+    total: Tensor
+    ce: list[Tensor]
+    bce: list[Tensor]
+
+
+def pyramid_loss(
+    semantic_logits: list[Tensor], unity_logits: list[Tensor], targets: PyramidTargets
+) -> PyramidLoss:
+    """Eq. 1: mean over L levels of CE plus mean over L-1 levels of BCE.
+
+    Each term is averaged over its non-ignored elements; a level with no valid target adds exactly 0.
+    The finest logits are upsampled bilinearly to the label size (DESIGN 1), as HRNet does.
+    """
+    ignore = targets.ignore_index
+    ce: list[Tensor] = []
+    for logits, target in zip(semantic_logits, targets.semantic, strict=True):
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        summed = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
+        ce.append(summed / (target != ignore).sum().clamp(min=1))
+    bce: list[Tensor] = []
+    for logits, target in zip(unity_logits, targets.unity, strict=True):
+        valid = target != ignore
+        is_unity = (target == 1).float()
+        per_cell = F.binary_cross_entropy_with_logits(logits.float(), is_unity, reduction="none")
+        bce.append(torch.where(valid, per_cell, 0.0).sum() / valid.sum().clamp(min=1))
+    total = torch.stack(ce).mean()
+    if bce:
+        total = total + torch.stack(bce).mean()
+    return PyramidLoss(total=total, ce=ce, bce=bce)
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis (Sec. 5.5): counts that the metrics accumulate over a split.
+
+
+def unity_counts(
+    unity_logits: list[Tensor],
+    unity_targets: list[Tensor],
+    tau: float = 0.9,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Per unity level, [true positives, false positives, false negatives] of "unity >= tau"
+    against the ground-truth unity pyramid, over cells with a valid pixel. Shape [L-1, 3]."""
+    threshold = unity_logit_threshold(tau)
+    rows = []
+    for logits, target in zip(unity_logits, unity_targets, strict=True):
+        valid = target != ignore_index
+        predicted = (logits.float() >= threshold) & valid
+        actual = (target == 1) & valid
+        rows.append(
+            torch.stack(
+                [(predicted & actual).sum(), (predicted & ~actual).sum(), (~predicted & actual).sum()]
+            )
+        )
+    if not rows:
+        return torch.zeros(0, 3, dtype=torch.long)
+    return torch.stack(rows)
+
+
+def level_counts(level_map: Tensor, num_levels: int) -> Tensor:
+    """How many finest cells each level resolves (the parsimony of the fused output). Shape [L]."""
+    return torch.bincount(level_map.flatten(), minlength=num_levels)
