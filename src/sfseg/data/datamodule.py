@@ -1,0 +1,126 @@
+"""LightningDataModules: a base that builds pyramid targets on the device, and the synthetic default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sfseg.data.transforms import seed_worker, train_transform, val_transform
+from sfseg.pyramid import IGNORE_INDEX, build_targets, level_strides
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Shared loaders and target construction; subclasses provide datasets, class names and palette.
+
+    Batches are dicts {"image": [B,3,H,W], "label": [B,H,W], ...}. After the transfer to the device,
+    `on_after_batch_transfer` adds "targets": the ground-truth pyramids of `build_targets` (Sec. 3.1),
+    so the cell reductions run on the accelerator, not in the loader workers.
+    """
+
+    classes: Sequence[str] = ()
+    palette: Sequence[tuple[int, int, int]] = ()
+
+    def __init__(
+        self,
+        num_levels: int = 4,
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        ignore_index: int = IGNORE_INDEX,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.ignore_index = ignore_index
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def coarsest_stride(self) -> int:
+        return level_strides(self.num_levels)[0]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+
+    def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a loader")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            worker_init_fn=seed_worker,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "label" in batch:
+            batch["targets"] = build_targets(batch["label"], self.num_levels, self.ignore_index)
+        return batch
+
+
+class SyntheticDataModule(SegmentationDataModule):
+    """The embedded default: synthetic scenes generated on the fly (no files, no download)."""
+
+    def __init__(
+        self,
+        size: int | Sequence[int] = 128,
+        train_samples: int = 2000,
+        val_samples: int = 200,
+        data_seed: int = 0,
+        augment: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        from sfseg.data.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
+
+        self.classes = SYNTHETIC_CLASSES
+        self.palette = SYNTHETIC_PALETTE
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.train_samples = train_samples
+        self.val_samples = val_samples
+        self.data_seed = data_seed
+        self.augment = augment
+
+    def setup(self, stage: str | None = None) -> None:
+        from sfseg.data.synthetic import SyntheticScenes
+
+        if any(side % self.coarsest_stride for side in self.size):
+            raise ValueError(
+                f"data.size={list(self.size)} must be divisible by the coarsest stride {self.coarsest_stride} "
+                f"(model.levels={self.num_levels})"
+            )
+        # Light augmentation: the scenes already vary in layout, colour, brightness and noise.
+        train_tf = (
+            train_transform(crop_size=None, scale_range=None, seed=self.seed)
+            if self.augment
+            else val_transform(self.coarsest_stride)
+        )
+        self.train_set = SyntheticScenes(
+            "train", self.train_samples, self.size, seed=self.data_seed, transform=train_tf
+        )
+        self.val_set = SyntheticScenes(
+            "val",
+            self.val_samples,
+            self.size,
+            seed=self.data_seed,
+            transform=val_transform(self.coarsest_stride),
+        )

@@ -1,0 +1,116 @@
+"""Albumentations pipelines shared by every dataset (the paper's recipe, Sec. 5.1.1).
+
+`Compose(strict=True)` turns a misspelt argument into an error instead of albumentations' silent
+warning. The random state of a pipeline is not reseeded per DataLoader worker by albumentations:
+`seed_worker` does it, so workers do not repeat each other's augmentations (DESIGN 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from sfseg.pyramid import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transform(
+    crop_size: int | Sequence[int] | None = 512,
+    scale_range: Sequence[float] | None = (0.5, 2.0),
+    brightness: float = 0.1,
+    hflip: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    seed: int | None = None,
+) -> A.Compose:
+    """Random scale, random crop (pad image 0, label ignore), horizontal flip, random brightness,
+    ImageNet normalisation. `crop_size=None` keeps the image size; `scale_range=None` skips scaling."""
+    steps: list[A.BasicTransform] = []
+    if scale_range is not None:
+        low, high = scale_range
+        # RandomScale samples the factor from 1 + scale_limit.
+        steps.append(
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0)
+        )
+    if crop_size is not None:
+        height, width = _pair(crop_size)
+        steps += [
+            A.PadIfNeeded(
+                min_height=height,
+                min_width=width,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=ignore_index,
+            ),
+            A.RandomCrop(height=height, width=width),
+        ]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if brightness > 0:
+        steps.append(A.RandomBrightnessContrast(brightness_limit=brightness, contrast_limit=0.0, p=0.5))
+    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    return A.Compose(steps, strict=True, seed=seed)
+
+
+def val_transform(
+    pad_divisor: int = 32, resize: int | Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX
+) -> A.Compose:
+    """Normalise, optionally resize to a fixed size, and pad (image 0, label ignore) at the bottom and
+    right to a multiple of the coarsest stride, so predictions crop back to the original pixels."""
+    steps: list[A.BasicTransform] = []
+    if resize is not None:
+        height, width = _pair(resize)
+        steps.append(A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR))
+    steps += [
+        A.PadIfNeeded(
+            min_height=None,
+            min_width=None,
+            pad_height_divisor=pad_divisor,
+            pad_width_divisor=pad_divisor,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=ignore_index,
+        ),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    ]
+    return A.Compose(steps, strict=True)
+
+
+def apply(transform: A.Compose | None, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
+    """Run a pipeline on an HxWx3 uint8 image and an HxW label map; return CHW float and HW int64."""
+    if transform is None:
+        image = image.astype(np.float32) / 255.0
+    else:
+        out = transform(image=image, mask=label)
+        image, label = out["image"], out["mask"]
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
+        "label": torch.from_numpy(np.ascontiguousarray(label)).long(),
+    }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: give each worker's albumentations pipeline its own seed.
+
+    torch's per-worker seed differs per worker and per epoch, and follows the global seed.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    seed = info.seed % 2**32
+    np.random.seed(seed)
+    if transform is not None:
+        transform.set_random_seed(seed)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)

@@ -1,0 +1,154 @@
+"""The LightningModule: a timm backbone with the unity and semantic pyramid heads, trained with
+relabelled targets (Sec. 3.2, Eq. 1) and evaluated through the fused output (Sec. 3.3, Eq. 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from sfseg.metrics import PyramidMetrics
+from sfseg.models import PyramidOutput, PyramidSegmenter
+from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, fuse, pyramid_loss, relabel, unity_logit_threshold
+
+
+def plain(value: Any) -> Any:
+    """A DictConfig/ListConfig as the plain dict/list it stands for; anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+DEFAULT_OPTIMIZER = {
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "poly_power": 0.9,
+    "head_lr_mult": 1.0,
+}
+
+
+class SpecializeAndFuseModule(L.LightningModule):
+    """Every constructor argument is a plain value (DESIGN 6), so checkpoints load with weights_only."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: Mapping[str, Any],
+        context: Mapping[str, Any],
+        relabel: Mapping[str, Any],
+        levels: int = 4,
+        tau: float = 0.9,
+        unity_channels: int = 64,
+        semantic_channels: int = 512,
+        optimizer: Mapping[str, float] | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
+        backbone, context, relabel, optimizer = (
+            plain(backbone),
+            plain(context),
+            plain(relabel),
+            plain(optimizer),
+        )
+        policy = relabel["policy"]
+        if policy not in RELABEL_POLICIES:
+            raise ValueError(f"model.relabel.policy={policy!r} is not one of {', '.join(RELABEL_POLICIES)}")
+        unity_logit_threshold(tau)  # validates model.tau early
+        unknown = set(optimizer or {}) - set(DEFAULT_OPTIMIZER)
+        if unknown:
+            raise ValueError(
+                f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
+            )
+        self.save_hyperparameters()
+        self.policy = policy
+        self.tau = tau
+        self.levels = levels
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
+        self.net = PyramidSegmenter(
+            backbone=backbone["name"],
+            num_classes=num_classes,
+            num_levels=levels,
+            context=context["name"],
+            unity_channels=unity_channels,
+            semantic_channels=semantic_channels,
+            pretrained=bool(backbone.get("pretrained", False)),
+            weights=backbone.get("weights"),
+        )
+        self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
+        self.last_val_scores: dict[str, float] = {}
+        self.last_val_per_class: dict[str, list[float]] = {}
+
+    def forward(self, images: Tensor) -> PyramidOutput:
+        return self.net(images)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.net(batch["image"])
+        targets = relabel(batch["targets"], out.unity, self.policy, self.tau)
+        loss = pyramid_loss(out.semantic, out.unity, targets)
+        batch_size = batch["image"].shape[0]
+        self.log("train/loss", loss.total, prog_bar=True, batch_size=batch_size)
+        terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
+        terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
+        self.log_dict(terms, batch_size=batch_size)
+        return loss.total
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.net(batch["image"])
+        label = batch["label"]
+        targets = batch["targets"]
+        loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau))
+        self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
+        fused, level_map = fuse(out.semantic, out.unity, self.tau)
+        self.val_metrics.update(
+            fused_pred=self._to_label_size(fused, label),
+            level_preds=[self._to_label_size(logits, label) for logits in out.semantic],
+            target=label,
+            unity_logits=out.unity,
+            unity_targets=targets.unity,
+            level_map=level_map,
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_metrics.compute()
+        self.last_val_scores = scores
+        self.last_val_per_class = self.val_metrics.per_class()
+        self.log_dict({f"val/{name}": value for name, value in scores.items()})
+        self.val_metrics.reset()
+
+    @staticmethod
+    def _to_label_size(logits: Tensor, label: Tensor) -> Tensor:
+        """Bilinear upsampling of logits to the label size, then argmax (as at test time)."""
+        return F.interpolate(
+            logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False
+        ).argmax(1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optimizer_config
+        backbone_params = list(self.net.backbone.parameters())
+        backbone_ids = {id(p) for p in backbone_params}
+        head_params = [p for p in self.net.parameters() if id(p) not in backbone_ids]
+        optimizer = torch.optim.SGD(
+            [
+                {"params": backbone_params, "lr": config["lr"]},
+                {"params": head_params, "lr": config["lr"] * config["head_lr_mult"]},
+            ],
+            lr=config["lr"],
+            momentum=config["momentum"],
+            weight_decay=config["weight_decay"],
+        )
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        power = config["poly_power"]
+
+        def poly(step: int) -> float:  # per-iteration poly schedule (Sec. 5.1.1)
+            return max(1.0 - step / total_steps, 0.0) ** power
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
