@@ -84,12 +84,15 @@ def val_transform(
 
 
 def apply(transform: A.Compose | None, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
-    """Run a pipeline on an HxWx3 uint8 image and an HxW label map; return CHW float and HW int64."""
-    if transform is None:
-        image = image.astype(np.float32) / 255.0
-    else:
+    """Run a pipeline on an HxWx3 uint8 image and an HxW label map; return CHW float and HW int64.
+
+    An image still in uint8 afterwards (no Normalize in the pipeline) is scaled to [0, 1].
+    """
+    if transform is not None:
         out = transform(image=image, mask=label)
         image, label = out["image"], out["mask"]
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
         "label": torch.from_numpy(np.ascontiguousarray(label)).long(),

@@ -1,0 +1,142 @@
+"""Class names and mask palettes of the datasets sfseg ships or reads."""
+
+from __future__ import annotations
+
+# --- Synthetic scenes (sfseg.data.synthetic) ---------------------------------------------------------
+# Stuff first: ids 0..5 are large wavy regions, ids 6..11 are small things drawn on top of them.
+SYNTHETIC_CLASSES: tuple[str, ...] = (
+    "sky",
+    "wall",
+    "water",
+    "grass",
+    "road",
+    "sand",
+    "person",
+    "car",
+    "pole",
+    "sign",
+    "ball",
+    "window",
+)
+# Mask colours only (the rendered images use overlapping colours); chosen to be far apart from each other.
+SYNTHETIC_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (70, 130, 180),  # sky: steel blue
+    (190, 153, 153),  # wall: dusty pink
+    (40, 200, 220),  # water: cyan
+    (107, 142, 35),  # grass: olive green
+    (128, 64, 128),  # road: purple
+    (230, 200, 120),  # sand: light tan
+    (220, 20, 60),  # person: crimson
+    (0, 0, 142),  # car: navy
+    (153, 153, 153),  # pole: grey
+    (220, 220, 0),  # sign: yellow
+    (255, 120, 0),  # ball: orange
+    (255, 0, 255),  # window: magenta
+)
+
+
+# --- Real datasets (sfseg.data.real) -----------------------------------------------------------------
+# Names as in mmsegmentation's dataset classes (ADE20KDataset, COCOStuffDataset, PascalContextDataset59),
+# in class-id order; mmsegmentation's "bed " loses its trailing space here.
+
+
+def voc_colormap(index: int) -> tuple[int, int, int]:
+    """The PASCAL VOC devkit colour of `index` (bits spread over R, G, B): distinct for 0..255."""
+    red = green = blue = 0
+    for bit in range(8):
+        red |= ((index >> 0) & 1) << (7 - bit)
+        green |= ((index >> 1) & 1) << (7 - bit)
+        blue |= ((index >> 2) & 1) << (7 - bit)
+        index >>= 3
+    return red, green, blue
+
+
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table", "pillow",
+    "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table", "toilet", "flower",
+    "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island", "computer", "swivel chair",
+    "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
+    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track", "apparel", "pole",
+    "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship",
+    "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
+    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
+    "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)  # fmt: skip
+# The CSAIL scene-parsing colours (as in mmsegmentation), except "skyscraper": its original colour
+# repeats "road" (140, 140, 140), so it gets an unused one.
+ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
+    (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
+    (150, 5, 61), (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4),
+    (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255),
+    (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255),
+    (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
+    (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
+    (100, 100, 160), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+    (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+    (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
+    (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
+    (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153),
+    (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194),
+    (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255),
+    (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255),
+    (163, 255, 0), (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255),
+    (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112), (92, 255, 0), (0, 224, 255),
+    (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0), (255, 0, 163),
+    (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255),
+    (255, 255, 0), (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0),
+    (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255),
+    (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)  # fmt: skip
+
+# COCO-Stuff: 80 things then 91 stuff classes, the 171 ids that occur of the 182-id vocabulary.
+COCO_STUFF_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
+    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
+    "scissors", "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge",
+    "building-other", "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile",
+    "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff",
+    "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog",
+    "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves",
+    "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement",
+    "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river", "road",
+    "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other",
+    "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
+    "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+)  # fmt: skip
+# mmsegmentation's COCO-Stuff palette repeats colours; the VOC colour map never does (class k -> k + 1,
+# so that black stays free for ignored pixels).
+COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
+    voc_colormap(k + 1) for k in range(len(COCO_STUFF_CLASSES))
+)
+
+# Pascal-Context-59: the 59 most frequent classes of the 459-class vocabulary, in its (alphabetical) order.
+PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup",
+    "curtain", "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard",
+    "light", "motorbike", "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock",
+    "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree",
+    "truck", "tvmonitor", "wall", "water", "window", "wood",
+)  # fmt: skip
+# The VOC colour map, as Pascal-Context's own tools draw it (class k -> k + 1; black stays background).
+PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
+    voc_colormap(k + 1) for k in range(len(PASCAL_CONTEXT59_CLASSES))
+)
