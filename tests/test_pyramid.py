@@ -49,20 +49,23 @@ def label_batches(draw, max_levels: int = 4):
 def perfect_logits(labels: torch.Tensor, levels: int, num_classes: int):
     """Semantic and unity logits that agree with the ground truth wherever it is defined.
 
-    The finest level's logits are at stride 4 and say the label of the cell's first pixel, which is
-    the cell's label whenever the cell is unity.
+    The finest level's logits are at stride 4 and say the label of each unity 4x4 cell.
     """
     targets = build_targets(labels, levels)
-    semantic = [
-        F.one_hot(t.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-        * BIG
-        * (t != IGNORE_INDEX).unsqueeze(1)
-        for t in targets.semantic[:-1]
-    ]
-    finest_labels = labels[:, ::4, ::4].clamp(max=num_classes - 1)
-    semantic.append(F.one_hot(finest_labels, num_classes).permute(0, 3, 1, 2).float() * BIG)
+    semantic = [one_hot_logits(t, num_classes) for t in targets.semantic[:-1]]
+    semantic.append(one_hot_logits(brute_force_cell(labels, 4)[1], num_classes))
     unity = [torch.where(u == 1, BIG, -BIG) for u in targets.unity]
     return targets, semantic, unity
+
+
+def one_hot_logits(cell_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """BIG for the cell's class, 0 everywhere for cells without one (ignore)."""
+    valid = (cell_labels != IGNORE_INDEX).unsqueeze(1)
+    return (
+        F.one_hot(cell_labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+        * BIG
+        * valid
+    )
 
 
 def brute_force_cell(labels: torch.Tensor, stride: int):

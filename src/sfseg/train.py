@@ -18,12 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from sfseg import CONFIG_DIR
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import fuse
 from sfseg.visualize import pyramid_figure, save_figure
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def build(cfg: DictConfig) -> tuple[SegmentationDataModule, SpecializeAndFuseModule, L.Trainer]:
@@ -91,7 +90,9 @@ def save_pyramid_png(
     out = model(images)
     fused, level_map = fuse(out.semantic, out.unity, model.tau)
     fused_pred = model._to_label_size(fused, labels)
-    figure = pyramid_figure(images, labels, out.semantic, out.unity, level_map, fused_pred, datamodule.palette)
+    figure = pyramid_figure(
+        images, labels, out.semantic, out.unity, level_map, fused_pred, datamodule.palette
+    )
     return save_figure(figure, path)
 
 
@@ -99,7 +100,9 @@ def print_summary(metrics: dict[str, Any], levels: int, run_dir: Path) -> None:
     rows = [("fused mIoU", metrics["mIoU"]), ("finest-only mIoU", metrics["mIoU_finest"])]
     rows += [(f"level {level} mIoU", metrics[f"mIoU_level{level}"]) for level in range(1, levels + 1)]
     rows += [("pixel accuracy", metrics["pixel_acc"])]
-    rows += [(f"share of cells, level {level}", metrics[f"share_level{level}"]) for level in range(1, levels + 1)]
+    rows += [
+        (f"share of cells, level {level}", metrics[f"share_level{level}"]) for level in range(1, levels + 1)
+    ]
     width = max(len(name) for name, _ in rows)
     print("\n" + "-" * (width + 12))
     for name, value in rows:

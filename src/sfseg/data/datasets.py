@@ -1,0 +1,330 @@
+"""Real datasets on disk: their layouts, their label mappings and a Dataset reading image/label pairs.
+
+Every dataset ships label maps whose raw values are not the training ids 0..C-1 / 255 (ignore). A
+256-entry lookup table per dataset maps raw values to training ids in one vectorised indexing step;
+raw values that no class or ignore id stands for map to INVALID, which turns a broken label file into
+an error naming the file instead of a silent wrong class.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import albumentations as A
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from sfseg.data.classes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    COCO_STUFF_CLASSES,
+    COCO_STUFF_PALETTE,
+    PASCAL_CONTEXT59_CLASSES,
+    PASCAL_CONTEXT59_PALETTE,
+)
+from sfseg.data.transforms import apply
+from sfseg.pyramid import IGNORE_INDEX
+
+INVALID = -1
+
+# COCO-Stuff's 182-id vocabulary (1-based in the 10k .mat files) has 11 thing ids that never occur.
+COCO_STUFF_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91)
+COCO_STUFF_USED_IDS = tuple(raw for raw in range(1, 183) if raw not in COCO_STUFF_UNUSED_IDS)
+# Pascal-Context-59: ids of the 459-class vocabulary (Pascal-Context's labels.txt), in class order.
+PASCAL_CONTEXT59_RAW_IDS = (
+    2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115, 144,
+    158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355,
+    360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458,
+)  # fmt: skip
+PASCAL_CONTEXT_VOCABULARY_SIZE = 459
+
+
+class Sample(NamedTuple):
+    image: Path
+    label: Path
+
+
+class LayoutError(FileNotFoundError):
+    """A dataset root or split that is not where the expected layout puts it."""
+
+
+class Scan(NamedTuple):
+    """The image/label pairs of a split, and the files that have no partner (one line each)."""
+
+    samples: list[Sample]
+    problems: list[str]
+
+
+def label_lut(mapping: Mapping[int, int], ignore_raw: Iterable[int], ignore_index: int) -> np.ndarray:
+    """A 256-entry int16 table raw value -> training id: `mapping`, ignore_raw -> ignore_index, else INVALID."""
+    lut = np.full(256, INVALID, dtype=np.int16)
+    for raw in ignore_raw:
+        lut[raw] = ignore_index
+    for raw, class_id in mapping.items():
+        lut[raw] = class_id
+    return lut
+
+
+def describe_values(values: Iterable[int]) -> str:
+    """Integers as compact ranges: [0, 1, 2, 5, 255] -> '0-2, 5, 255'."""
+    runs: list[list[int]] = []
+    for value in sorted(set(values)):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(str(low) if low == high else f"{low}-{high}" for low, high in runs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a dataset keeps its files under data.root, and what its raw label values mean.
+
+    Path templates take `{split}`. With a `list_file`, a split is the ids listed there (one per line);
+    without one, it is every image in `image_dir` and every label in `label_dir`, paired by file stem.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    raw_to_class: Mapping[int, int]
+    ignore_raw: tuple[int, ...]
+    splits: tuple[str, ...]
+    image_dir: str
+    label_dir: str
+    tree: str
+    list_file: str | None = None
+    image_suffix: str = ".jpg"
+    label_suffix: str = ".png"
+    # Files in label_dir that other tools write next to the raw maps and this layout does not read.
+    foreign_label_suffixes: tuple[str, ...] = ()
+
+    def lut(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+        return label_lut(self.raw_to_class, self.ignore_raw, ignore_index)
+
+    def describe_raw_values(self) -> str:
+        return describe_values([*self.raw_to_class, *self.ignore_raw])
+
+    def expected(self, root: Path) -> str:
+        return f"Expected layout under data.root={root} (splits {', '.join(self.splits)}):\n{self.tree}"
+
+    def missing(self, what: str, path: Path, root: Path) -> LayoutError:
+        return LayoutError(f"{self.name}: {what} not found: {path}\n{self.expected(root)}")
+
+    def scan(self, root: str | Path, split: str) -> Scan:
+        """List a split's pairs (sorted by id); a missing root, folder or list file raises LayoutError."""
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise self.missing("data.root", root, root)
+        image_dir = root / self.image_dir.format(split=split)
+        label_dir = root / self.label_dir.format(split=split)
+        for what, folder in (("image folder", image_dir), ("label folder", label_dir)):
+            if not folder.is_dir():
+                raise self.missing(f"{what} of split {split!r}", folder, root)
+        if self.list_file is None:
+            return self._scan_folders(image_dir, label_dir)
+        list_path = root / self.list_file.format(split=split)
+        if not list_path.is_file():
+            raise self.missing(f"list of split {split!r}", list_path, root)
+        return self._scan_list(list_path, image_dir, label_dir)
+
+    def _scan_folders(self, image_dir: Path, label_dir: Path) -> Scan:
+        images = _files_by_stem(image_dir, self.image_suffix, ())
+        labels = _files_by_stem(label_dir, self.label_suffix, self.foreign_label_suffixes)
+        problems = [
+            f"image without label: {images[stem]} (expected {label_dir / (stem + self.label_suffix)})"
+            for stem in sorted(images.keys() - labels.keys())
+        ] + [
+            f"label without image: {labels[stem]} (expected {image_dir / (stem + self.image_suffix)})"
+            for stem in sorted(labels.keys() - images.keys())
+        ]
+        samples = [Sample(images[stem], labels[stem]) for stem in sorted(images.keys() & labels.keys())]
+        return Scan(samples, problems)
+
+    def _scan_list(self, list_path: Path, image_dir: Path, label_dir: Path) -> Scan:
+        ids = sorted({line.strip() for line in list_path.read_text().splitlines() if line.strip()})
+        samples, problems = [], []
+        for sample_id in ids:
+            image = image_dir / (sample_id + self.image_suffix)
+            label = label_dir / (sample_id + self.label_suffix)
+            if image.is_file() and label.is_file():
+                samples.append(Sample(image, label))
+            elif label.is_file():
+                problems.append(f"label without image: {label} (expected {image}, listed in {list_path})")
+            elif image.is_file():
+                problems.append(f"image without label: {image} (expected {label}, listed in {list_path})")
+            else:
+                problems.append(f"neither {image} nor {label} exists (listed in {list_path})")
+        return Scan(samples, problems)
+
+
+def _files_by_stem(folder: Path, suffix: str, foreign_suffixes: Sequence[str]) -> dict[str, Path]:
+    # scandir knows file types without a stat per file: COCO's 118k training files list in a blink.
+    with os.scandir(folder) as entries:
+        return {
+            entry.name[: -len(suffix)]: Path(entry.path)
+            for entry in entries
+            if entry.name.endswith(suffix)
+            and not entry.name.endswith(tuple(foreign_suffixes))
+            and entry.is_file()
+        }
+
+
+ADE20K = Layout(
+    name="ade20k",
+    classes=ADE20K_CLASSES,
+    palette=ADE20K_PALETTE,
+    # Raw 0 is "other" (not one of the 150 classes).
+    raw_to_class={raw: raw - 1 for raw in range(1, 151)},
+    ignore_raw=(0, 255),
+    splits=("training", "validation"),
+    image_dir="images/{split}",
+    label_dir="annotations/{split}",
+    tree="""\
+ADEChallengeData2016/                 <- data.root
+├── images/training/ADE_train_00000001.jpg ...       (20210 images)
+├── images/validation/ADE_val_00000001.jpg ...       (2000 images)
+├── annotations/training/ADE_train_00000001.png ...  (0 = other, 1..150 = classes)
+└── annotations/validation/ADE_val_00000001.png ...""",
+)
+
+COCO_STUFF10K = Layout(
+    name="coco_stuff10k",
+    classes=COCO_STUFF_CLASSES,
+    palette=COCO_STUFF_PALETTE,
+    raw_to_class={raw: class_id for class_id, raw in enumerate(COCO_STUFF_USED_IDS)},
+    ignore_raw=(0, 255),
+    splits=("train", "test"),
+    image_dir="images",
+    label_dir="annotations",
+    list_file="imageLists/{split}.txt",
+    tree="""\
+cocostuff-10k/                        <- data.root, written by `python -m sfseg.data.prepare coco_stuff10k`
+├── images/COCO_train2014_000000000077.jpg ...       (10000 images)
+├── annotations/COCO_train2014_000000000077.png ...  (field S of the .mat: 0 = unlabeled, 1..182)
+└── imageLists/train.txt, imageLists/test.txt        (9000 / 1000 ids, one per line)""",
+)
+
+COCO_STUFF164K = Layout(
+    name="coco_stuff164k",
+    classes=COCO_STUFF_CLASSES,
+    palette=COCO_STUFF_PALETTE,
+    raw_to_class={raw - 1: class_id for class_id, raw in enumerate(COCO_STUFF_USED_IDS)},
+    ignore_raw=(255,),
+    splits=("train2017", "val2017"),
+    image_dir="images/{split}",
+    label_dir="annotations/{split}",
+    tree="""\
+coco_stuff164k/                       <- data.root
+├── images/train2017/000000000009.jpg ...            (118287 COCO images)
+├── images/val2017/000000000139.jpg ...              (5000)
+├── annotations/train2017/000000000009.png ...       (stuffthingmaps_trainval2017.zip: 0..181, 255 = unlabeled)
+└── annotations/val2017/000000000139.png ...""",
+    # mmsegmentation's converter writes <id>_labelTrainIds.png next to the raw maps; we read the raw ones.
+    foreign_label_suffixes=("_labelTrainIds.png",),
+)
+
+PASCAL_CONTEXT59 = Layout(
+    name="pascal_context59",
+    classes=PASCAL_CONTEXT59_CLASSES,
+    palette=PASCAL_CONTEXT59_PALETTE,
+    # The converted PNGs (ours and mmsegmentation's) store 0 = background and 1..59 for the classes.
+    raw_to_class={raw: raw - 1 for raw in range(1, 60)},
+    ignore_raw=(0, 255),
+    splits=("train", "val"),
+    image_dir="VOC2010/JPEGImages",
+    label_dir="VOC2010/SegmentationClassContext",
+    list_file="VOC2010/ImageSets/SegmentationContext/{split}.txt",
+    tree="""\
+VOCdevkit/                            <- data.root
+└── VOC2010/
+    ├── JPEGImages/2008_000002.jpg ...
+    ├── SegmentationClassContext/2008_000002.png ...  (0 = background, 1..59 = classes; written by
+    │                                                  `python -m sfseg.data.prepare pascal_context` or mmseg)
+    └── ImageSets/SegmentationContext/train.txt, val.txt  (4998 / 5105 ids, one per line)""",
+)
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout for layout in (ADE20K, COCO_STUFF10K, COCO_STUFF164K, PASCAL_CONTEXT59)
+}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB (grayscale and CMYK files are converted); a file that does not decode raises."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "corrupt or not an image"
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def read_label(path: Path) -> np.ndarray:
+    """HxW uint8 raw label values (palette PNGs give their indices, not colours)."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise ValueError(
+                    f"expected a single-channel 8-bit label map (mode L or P), got mode {image.mode}"
+                )
+            return np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read label {path}: {error}") from error
+
+
+class SegmentationFiles(Dataset):
+    """Image/label pairs from disk: {"image": float [3,H,W], "label": int64 [H,W], "index": int}.
+
+    `lut` maps raw label values to training ids (INVALID for values no class stands for). Any bad
+    pair (undecodable file, image/label size mismatch, invalid label value) raises ValueError naming
+    the file; `check` runs the same checks and returns the message instead, for whole-split validation.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        lut: np.ndarray,
+        transform: A.Compose | None,
+        allowed_raw: str,
+    ) -> None:
+        self.samples = list(samples)
+        self.lut = lut
+        self.transform = transform  # seed_worker reseeds it per DataLoader worker
+        self.allowed_raw = allowed_raw
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw image and the mapped label map (uint8), checked."""
+        sample = self.samples[index]
+        image = read_image(sample.image)
+        raw = read_label(sample.label)
+        if image.shape[:2] != raw.shape:
+            raise ValueError(
+                f"image and label sizes differ: {sample.image} is {image.shape[1]}x{image.shape[0]}, "
+                f"{sample.label} is {raw.shape[1]}x{raw.shape[0]} (width x height)"
+            )
+        label = self.lut[raw]
+        if (label == INVALID).any():
+            bad = np.unique(raw[label == INVALID])
+            raise ValueError(
+                f"label values {describe_values(bad.tolist())} in {sample.label} stand for no class; "
+                f"allowed raw values: {self.allowed_raw}"
+            )
+        return image, label.astype(np.uint8)
+
+    def check(self, index: int) -> str | None:
+        try:
+            self.load(index)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label = self.load(index)
+        return {**apply(self.transform, image, label), "index": index}

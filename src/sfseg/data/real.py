@@ -1,0 +1,175 @@
+"""DataModules of the paper's datasets (Sec. 5): ADE20K, COCO-Stuff-10k/164k and Pascal-Context-59.
+
+Each reads its official (or documented converted) layout under `data.root` (see `sfseg.data.datasets`),
+trains with the paper's augmentation (`transforms.train_transform`) and validates on the full image
+(or a fixed `val_resize`), padded at the bottom/right to a multiple of the coarsest stride with the
+padding ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sfseg.data.datamodule import SegmentationDataModule
+from sfseg.data.datasets import (
+    ADE20K,
+    COCO_STUFF10K,
+    COCO_STUFF164K,
+    PASCAL_CONTEXT59,
+    Layout,
+    Sample,
+    Scan,
+    SegmentationFiles,
+)
+from sfseg.data.transforms import train_transform, val_transform
+
+SUBSAMPLE_KEYS = {"train", "val", "seed", "source_split"}
+
+
+class DatasetProblems(ValueError):
+    """Files of a split that cannot be used; `python -m sfseg.data.validate` lists all of them."""
+
+
+class FileDataModule(SegmentationDataModule):
+    """A dataset read from disk in the layout `layout` describes; subclasses only pick the layout.
+
+    `subsample` ({train, val, seed, source_split}) replaces train_split/val_split by two disjoint random
+    subsets of `source_split` (the paper's ablation split, Sec. 5.4): the pairs sorted by id, permuted
+    with numpy's default_rng(seed), the first `train` for training and the next `val` for validation.
+    """
+
+    layout: ClassVar[Layout]
+
+    def __init__(
+        self,
+        root: str,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        crop_size: int | Sequence[int] = 512,
+        scale_range: Sequence[float] = (0.5, 2.0),
+        brightness: float = 0.04,
+        hflip: bool = True,
+        val_resize: int | Sequence[int] | None = None,
+        subsample: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.classes = self.layout.classes
+        self.palette = self.layout.palette
+        self.root = root
+        self.train_split = train_split or self.layout.splits[0]
+        self.val_split = val_split or self.layout.splits[1]
+        # Plain ints/tuples, not Hydra's ListConfig.
+        self.crop_size = crop_size if isinstance(crop_size, int) else tuple(crop_size)
+        self.scale_range = tuple(scale_range)
+        self.brightness = brightness
+        self.hflip = hflip
+        self.val_resize = (
+            val_resize if val_resize is None or isinstance(val_resize, int) else tuple(val_resize)
+        )
+        self.subsample = dict(subsample) if subsample is not None else None
+        if self.subsample is not None and set(self.subsample) != SUBSAMPLE_KEYS:
+            raise ValueError(
+                f"data.subsample needs exactly the keys {sorted(SUBSAMPLE_KEYS)}, got {sorted(self.subsample)}"
+            )
+        if not self.num_classes <= self.ignore_index <= 255:
+            raise ValueError(
+                f"data.ignore_index must lie in {self.num_classes}..255 (labels are stored as uint8), got {self.ignore_index}"
+            )
+
+    def scan(self) -> dict[str, Scan]:
+        """The train and val pairs, with the files that have no partner (nothing is decoded here)."""
+        if self.subsample is None:
+            return {
+                "train": self.layout.scan(self.root, self.train_split),
+                "val": self.layout.scan(self.root, self.val_split),
+            }
+        source = self.layout.scan(self.root, self.subsample["source_split"])
+        train, val = subsample_split(
+            source.samples, self.subsample["train"], self.subsample["val"], self.subsample["seed"]
+        )
+        # Unpaired files of the source split belong to neither part; report them once, with train.
+        return {"train": Scan(train, source.problems), "val": Scan(val, [])}
+
+    def build_datasets(self, scans: Mapping[str, Scan]) -> dict[str, SegmentationFiles]:
+        """SegmentationFiles of train (augmented) and val (full image or val_resize, padded)."""
+        sides = (self.crop_size,) if isinstance(self.crop_size, int) else self.crop_size
+        if any(side % self.coarsest_stride for side in sides):
+            raise ValueError(
+                f"data.crop_size={self.crop_size} must be divisible by the coarsest stride "
+                f"{self.coarsest_stride} (model.levels={self.num_levels})"
+            )
+        lut = self.layout.lut(self.ignore_index)
+        allowed = self.layout.describe_raw_values()
+        train_tf = train_transform(
+            crop_size=self.crop_size,
+            scale_range=self.scale_range,
+            brightness=self.brightness,
+            hflip=self.hflip,
+            ignore_index=self.ignore_index,
+            seed=self.seed,
+        )
+        val_tf = val_transform(self.coarsest_stride, resize=self.val_resize, ignore_index=self.ignore_index)
+        return {
+            "train": SegmentationFiles(scans["train"].samples, lut, train_tf, allowed),
+            "val": SegmentationFiles(scans["val"].samples, lut, val_tf, allowed),
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        scans = self.scan()
+        problems = [problem for scan in scans.values() for problem in scan.problems]
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise DatasetProblems(
+                f"{self.layout.name}: {len(problems)} unpaired file(s) under data.root={self.root}:\n  {shown}{more}\n"
+                f"List every problem with: python -m sfseg.data.validate data={self.layout.name} data.root={self.root}"
+            )
+        for part, scan in scans.items():
+            if not scan.samples:
+                raise DatasetProblems(
+                    f"{self.layout.name}: the {part} split under data.root={self.root} has no image/label pair\n"
+                    f"{self.layout.expected(self.root)}"
+                )
+        datasets = self.build_datasets(scans)
+        self.train_set, self.val_set = datasets["train"], datasets["val"]
+
+
+def subsample_split(
+    samples: Sequence[Sample], train: int, val: int, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Two disjoint random subsets (sizes train, val) of `samples`; the same for the same files and seed."""
+    if train < 1 or val < 1 or train + val > len(samples):
+        raise ValueError(
+            f"data.subsample asks for {train} train + {val} val samples; the source split has {len(samples)} pairs"
+        )
+    ordered = sorted(samples)  # independent of the order the file system lists them in
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    return [ordered[i] for i in order[:train]], [ordered[i] for i in order[train : train + val]]
+
+
+class ADE20KDataModule(FileDataModule):
+    """ADE20K SceneParsing, 150 classes: `ADEChallengeData2016/{images,annotations}/{training,validation}`."""
+
+    layout = ADE20K
+
+
+class COCOStuff10kDataModule(FileDataModule):
+    """COCO-Stuff-10k, 171 classes, train/test lists; reads the PNGs of `sfseg.data.prepare coco_stuff10k`."""
+
+    layout = COCO_STUFF10K
+
+
+class COCOStuff164kDataModule(FileDataModule):
+    """COCO-Stuff-164k, 171 classes: COCO 2017 images with the `stuffthingmaps_trainval2017` PNGs."""
+
+    layout = COCO_STUFF164K
+
+
+class PascalContext59DataModule(FileDataModule):
+    """Pascal-Context-59: `VOC2010/SegmentationClassContext` PNGs (0 = background, 1..59) and the VOC2010 images."""
+
+    layout = PASCAL_CONTEXT59

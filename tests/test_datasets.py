@@ -1,0 +1,383 @@
+"""Real-dataset datamodules on fixture trees in each release's layout: mappings, augmentation, bad input,
+validation, experiment configs, and a few training steps through the real Hydra config."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf.errors import MissingMandatoryValue
+from PIL import Image
+
+from sfseg.data import real
+from sfseg.data.datasets import INVALID, LAYOUTS, LayoutError, read_label
+from sfseg.data.validate import main as validate_main
+from sfseg.pyramid import IGNORE_INDEX
+from tests.conftest import compose_config
+from tests.fixtures import HEIGHT, WIDTH, build, make_ade20k, write_image, write_label
+
+DATAMODULES = {
+    "ade20k": real.ADE20KDataModule,
+    "coco_stuff10k": real.COCOStuff10kDataModule,
+    "coco_stuff164k": real.COCOStuff164kDataModule,
+    "pascal_context59": real.PascalContext59DataModule,
+}
+NUM_CLASSES = {"ade20k": 150, "coco_stuff10k": 171, "coco_stuff164k": 171, "pascal_context59": 59}
+FIRST_CLASS = {
+    "ade20k": "wall",
+    "coco_stuff10k": "person",
+    "coco_stuff164k": "person",
+    "pascal_context59": "aeroplane",
+}
+
+
+def datamodule(name: str, root: Path, **kwargs) -> real.FileDataModule:
+    module = DATAMODULES[name](root=str(root), crop_size=64, batch_size=2, **kwargs)
+    module.setup("fit")
+    return module
+
+
+# --- label mappings, names, palettes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ade20k", {0: 255, 1: 0, 150: 149, 151: INVALID, 255: 255}),
+        (
+            "coco_stuff10k",
+            {0: 255, 1: 0, 11: 10, 12: INVALID, 13: 11, 91: INVALID, 92: 80, 182: 170, 183: INVALID},
+        ),
+        (
+            "coco_stuff164k",
+            {0: 0, 10: 10, 11: INVALID, 12: 11, 90: INVALID, 91: 80, 181: 170, 182: INVALID, 255: 255},
+        ),
+        ("pascal_context59", {0: 255, 1: 0, 59: 58, 60: INVALID, 255: 255}),
+    ],
+)
+def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int, int]):
+    lut = LAYOUTS[name].lut()
+    assert lut.shape == (256,)
+    assert {raw: int(lut[raw]) for raw in expected} == expected
+    valid = lut[lut != INVALID]
+    assert sorted(set(valid.tolist()) - {IGNORE_INDEX}) == list(range(NUM_CLASSES[name]))
+
+
+def test_coco_stuff_10k_and_164k_name_the_same_classes():
+    lut10k, lut164k = LAYOUTS["coco_stuff10k"].lut(), LAYOUTS["coco_stuff164k"].lut()
+    # The 10k release counts from 1 (0 = unlabeled), the 164k maps from 0.
+    assert np.array_equal(lut10k[1:183], lut164k[0:182])
+
+
+@pytest.mark.parametrize("name", DATAMODULES)
+def test_classes_and_palette(name: str):
+    layout = LAYOUTS[name]
+    assert len(layout.classes) == len(set(layout.classes)) == NUM_CLASSES[name]
+    assert len(layout.palette) == len(set(layout.palette)) == NUM_CLASSES[name]
+    assert all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in layout.palette)
+    assert layout.classes[0] == FIRST_CLASS[name]
+
+
+# --- datamodules on fixture trees ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DATAMODULES)
+def test_datamodule_reads_its_layout(name: str, tmp_path: Path):
+    module = datamodule(name, build(name, tmp_path))
+    assert module.num_classes == NUM_CLASSES[name]
+    assert (len(module.train_set), len(module.val_set)) == (4, 2)
+
+    train = module.train_set[0]
+    assert train["image"].shape == (3, 64, 64) and train["image"].dtype == torch.float32
+    assert train["label"].shape == (64, 64) and train["label"].dtype == torch.int64
+
+    # Validation keeps the full 64x80 image, padded to a multiple of the coarsest stride (32) with
+    # ignored labels; the original pixels carry the raw labels mapped by the dataset's table.
+    val = module.val_set[0]
+    assert val["image"].shape == (3, 64, 96)
+    raw = read_label(module.val_set.samples[0].label)
+    expected = torch.from_numpy(LAYOUTS[name].lut()[raw].astype(np.int64))
+    assert torch.equal(val["label"][:, :WIDTH], expected)
+    assert (val["label"][:, WIDTH:] == IGNORE_INDEX).all()
+    assert (val["label"][:, :WIDTH] != IGNORE_INDEX).any()
+
+
+def test_val_resize_gives_a_fixed_size(tmp_path: Path):
+    module = datamodule("ade20k", build("ade20k", tmp_path), val_resize=[64, 64])
+    assert module.val_set[0]["image"].shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("name", DATAMODULES)
+def test_selected_by_hydra_config_with_mandatory_root(name: str, tmp_path: Path, run_dir: Path):
+    cfg = compose_config([f"data={name}", f"data.root={tmp_path}"], run_dir)
+    module = instantiate(cfg.data)
+    assert type(module) is DATAMODULES[name]
+    assert (module.crop_size, module.val_batch_size, module.ignore_index) == (512, 1, 255)
+    cfg = compose_config([f"data={name}"], run_dir)
+    with pytest.raises(MissingMandatoryValue, match="root"):
+        instantiate(cfg.data)
+
+
+def test_loaders_give_batches(tmp_path: Path):
+    module = datamodule("coco_stuff164k", build("coco_stuff164k", tmp_path))
+    batch = next(iter(module.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["label"].shape == (2, 64, 64)
+    val = next(iter(module.val_dataloader()))
+    assert val["image"].shape == (1, 3, 64, 96)
+
+
+# --- augmentation ----------------------------------------------------------------------------------------
+
+
+def identical_samples_root(tmp_path: Path, count: int = 6) -> Path:
+    """An ADE20K tree whose training images are copies of one image/label pair."""
+    root = make_ade20k(tmp_path, {"training": 1, "validation": 1})
+    image_dir, label_dir = root / "images" / "training", root / "annotations" / "training"
+    for i in range(2, count + 1):
+        shutil.copy(image_dir / "ADE_train_00000001.jpg", image_dir / f"ADE_train_{i:08d}.jpg")
+        shutil.copy(label_dir / "ADE_train_00000001.png", label_dir / f"ADE_train_{i:08d}.png")
+    return root
+
+
+def augmented_images(root: Path, seed: int, workers: int) -> torch.Tensor:
+    module = real.ADE20KDataModule(root=str(root), crop_size=32, batch_size=1, num_workers=workers, seed=seed)
+    module.setup("fit")
+    return torch.cat([batch["image"] for batch in module.train_dataloader()])
+
+
+def test_workers_do_not_repeat_augmentations(tmp_path: Path):
+    images = augmented_images(identical_samples_root(tmp_path), seed=0, workers=2)
+    # Batches alternate between the two workers; the same sample must come out differently.
+    assert len(images) == 6
+    distinct = {tuple(image.flatten()[::97].tolist()) for image in images}
+    assert len(distinct) == len(images)
+    assert not torch.equal(images[0], images[1])  # first draw of worker 0 vs first draw of worker 1
+
+
+def test_augmentation_is_reproducible_for_a_seed(tmp_path: Path):
+    root = identical_samples_root(tmp_path)
+    assert torch.equal(augmented_images(root, seed=3, workers=2), augmented_images(root, seed=3, workers=2))
+    assert torch.equal(augmented_images(root, seed=3, workers=0), augmented_images(root, seed=3, workers=0))
+    assert not torch.equal(
+        augmented_images(root, seed=3, workers=0), augmented_images(root, seed=4, workers=0)
+    )
+
+
+# --- ablation subsample ------------------------------------------------------------------------------------
+
+
+def test_subsample_is_disjoint_and_fixed_by_its_seed(tmp_path: Path):
+    root = make_ade20k(tmp_path, {"training": 10, "validation": 1})
+
+    def split(seed: int) -> tuple[list[str], list[str]]:
+        subsample = {"train": 6, "val": 3, "seed": seed, "source_split": "training"}
+        module = datamodule("ade20k", root, subsample=subsample)
+        return [s.image.name for s in module.train_set.samples], [
+            s.image.name for s in module.val_set.samples
+        ]
+
+    train, val = split(0)
+    assert (len(train), len(val)) == (6, 3) and not set(train) & set(val)
+    assert all(name.startswith("ADE_train") for name in train + val)  # both from the source split
+    assert split(0) == (train, val)
+    assert split(1) != (train, val)
+    with pytest.raises(ValueError, match="source split has 10 pairs"):
+        datamodule("ade20k", root, subsample={"train": 8, "val": 3, "seed": 0, "source_split": "training"})
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+
+def test_missing_root_prints_the_expected_tree(tmp_path: Path):
+    with pytest.raises(LayoutError, match=r"data.root not found") as error:
+        datamodule("ade20k", tmp_path / "nowhere")
+    assert "ADEChallengeData2016/" in str(error.value) and "annotations/training" in str(error.value)
+
+
+def test_missing_split_names_the_path_and_the_tree(tmp_path: Path):
+    root = build("pascal_context59", tmp_path)
+    with pytest.raises(
+        LayoutError, match=r"list of split 'test' not found: .*SegmentationContext/test.txt"
+    ) as error:
+        datamodule("pascal_context59", root, val_split="test")
+    assert "JPEGImages/" in str(error.value)
+    with pytest.raises(LayoutError, match=r"image folder of split 'valid' not found"):
+        datamodule("ade20k", build("ade20k", tmp_path), val_split="valid")
+
+
+def test_unpaired_files_are_named(tmp_path: Path):
+    root = build("ade20k", tmp_path)
+    (root / "annotations" / "training" / "ADE_train_00000002.png").unlink()
+    (root / "images" / "validation" / "ADE_val_00000001.jpg").unlink()
+    with pytest.raises(real.DatasetProblems) as error:
+        datamodule("ade20k", root)
+    assert "image without label: " in str(error.value) and "ADE_train_00000002.jpg" in str(error.value)
+    assert "label without image: " in str(error.value) and "ADE_val_00000001.png" in str(error.value)
+
+
+def test_listed_id_without_image_is_named(tmp_path: Path):
+    root = build("coco_stuff10k", tmp_path)
+    (root / "images" / "COCO_train2014_000000000078.jpg").unlink()
+    with pytest.raises(real.DatasetProblems, match=r"label without image: .*COCO_train2014_000000000078.png"):
+        datamodule("coco_stuff10k", root)
+
+
+def test_coco_stuff164k_ignores_mmseg_train_id_maps(tmp_path: Path):
+    root = build("coco_stuff164k", tmp_path)
+    label = root / "annotations" / "train2017" / "000000000000.png"
+    shutil.copy(label, label.with_name("000000000000_labelTrainIds.png"))
+    assert len(datamodule("coco_stuff164k", root).train_set) == 4
+
+
+def corrupt_image(root: Path) -> Path:
+    path = root / "images" / "training" / "ADE_train_00000001.jpg"
+    path.write_bytes(b"not a jpeg")
+    return path
+
+
+def mismatched_label(root: Path) -> Path:
+    path = root / "annotations" / "training" / "ADE_train_00000002.png"
+    write_label(path, np.ones((HEIGHT, WIDTH + 16)))
+    return path
+
+
+def out_of_range_label(root: Path) -> Path:
+    path = root / "annotations" / "training" / "ADE_train_00000003.png"
+    label = np.ones((HEIGHT, WIDTH))
+    label[5, 7], label[6, 8] = 151, 200
+    write_label(path, label)
+    return path
+
+
+def colour_label(root: Path) -> Path:
+    path = root / "annotations" / "training" / "ADE_train_00000004.png"
+    Image.fromarray(np.ones((HEIGHT, WIDTH, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("spoil", "index", "message"),
+    [
+        (corrupt_image, 0, r"cannot read image .*ADE_train_00000001.jpg"),
+        (mismatched_label, 1, r"sizes differ: .*ADE_train_00000002.jpg is 80x64, .*ADE_train_00000002.png is 96x64"),
+        (out_of_range_label, 2, r"label values 151, 200 in .*ADE_train_00000003.png stand for no class; allowed raw values: 0-150, 255"),
+        (colour_label, 3, r"cannot read label .*ADE_train_00000004.png: expected a single-channel"),
+    ],
+)  # fmt: skip
+def test_bad_pair_raises_naming_the_file(spoil, index: int, message: str, tmp_path: Path):
+    root = build("ade20k", tmp_path)
+    spoil(root)
+    module = datamodule("ade20k", root)
+    with pytest.raises(ValueError, match=message):
+        module.train_set[index]
+
+
+def run_validate(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    GlobalHydra.instance().clear()
+    code = validate_main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_reports_every_bad_file_at_once(tmp_path: Path, capsys: pytest.CaptureFixture):
+    root = make_ade20k(tmp_path, {"training": 6, "validation": 2})
+    args = ["data=ade20k", f"data.root={root}", "--workers", "2"]
+    assert run_validate(args, capsys)[:2] == (0, f"ok: ade20k at {root}: train 6 pairs, val 2 pairs\n")
+
+    bad = [spoil(root) for spoil in (corrupt_image, mismatched_label, out_of_range_label, colour_label)]
+    (root / "annotations" / "validation" / "ADE_val_00000002.png").unlink()
+    write_image(root / "images" / "validation" / "ADE_val_00000002.jpg", np.random.default_rng(0))
+    code, _, err = run_validate(args, capsys)
+    assert code == 1
+    assert "5 problem(s)" in err
+    for path in [*bad, root / "images" / "validation" / "ADE_val_00000002.jpg"]:
+        assert str(path) in err
+    code, _, err = run_validate([*args, "--split", "val"], capsys)
+    assert code == 1 and "1 problem(s)" in err
+
+
+def test_validate_reports_a_missing_layout(tmp_path: Path, capsys: pytest.CaptureFixture):
+    code, _, err = run_validate(["data=coco_stuff10k", f"data.root={tmp_path / 'nowhere'}"], capsys)
+    assert code == 1 and "data.root not found" in err and "imageLists/train.txt" in err
+
+
+# --- experiments ------------------------------------------------------------------------------------------
+
+EXPERIMENTS = {
+    # name: (data, backbone, lr, head_lr_mult, epochs, train images)
+    "ade20k_hrnet48": ("ade20k", "hrnet_w48", 0.02, 1, 120, 20210),
+    "ade20k_resnet101": ("ade20k", "resnet101", 0.02, 1, 120, 20210),
+    "coco_stuff10k_hrnet48": ("coco_stuff10k", "hrnet_w48", 0.001, 10, 110, 9000),
+    "coco_stuff10k_resnet101": ("coco_stuff10k", "resnet101", 0.001, 10, 110, 9000),
+    "pascal_context59_hrnet48": ("pascal_context59", "hrnet_w48", 0.001, 10, 200, 4998),
+    "pascal_context59_resnet101": ("pascal_context59", "resnet101", 0.001, 10, 200, 4998),
+    "ablation_hrnet32": ("ade20k", "hrnet_w32", 0.02, 1, 120, 16000),
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_follows_the_paper_protocol(experiment: str, run_dir: Path):
+    data, backbone, lr, head_lr_mult, epochs, images = EXPERIMENTS[experiment]
+    cfg = compose_config([f"experiment={experiment}", "data.root=/data"], run_dir)
+    assert cfg.data._target_ == f"sfseg.data.real.{DATAMODULES[data].__name__}"
+    assert cfg.model.backbone.name == backbone and cfg.model.backbone.pretrained is True
+    assert cfg.model.optimizer.lr == lr and cfg.model.optimizer.head_lr_mult == head_lr_mult
+    assert (
+        cfg.model.optimizer.momentum,
+        cfg.model.optimizer.weight_decay,
+        cfg.model.optimizer.poly_power,
+    ) == (0.9, 1e-4, 0.9)
+    assert (cfg.data.crop_size, cfg.data.batch_size, list(cfg.data.scale_range)) == (512, 16, [0.5, 2.0])
+    assert cfg.trainer.max_steps == math.ceil(epochs * images / 16)
+    assert (cfg.trainer.accelerator, cfg.trainer.precision) == ("gpu", "bf16-mixed")
+    assert (cfg.model.levels, cfg.model.tau, cfg.model.context.name, cfg.model.relabel.policy) == (
+        4,
+        0.9,
+        "c2f",
+        "true_positive",
+    )
+    if experiment == "ablation_hrnet32":
+        assert dict(cfg.data.subsample) == {
+            "train": 16000,
+            "val": 4000,
+            "seed": 0,
+            "source_split": "training",
+        }
+    else:
+        assert cfg.data.subsample is None
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DATAMODULES)
+def test_trains_a_few_steps_through_the_hydra_config(name: str, tmp_path: Path, run_dir: Path):
+    from sfseg.train import build as build_run
+
+    overrides = [
+        f"data={name}",
+        f"data.root={build(name, tmp_path)}",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "data.crop_size=64",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model/backbone=hrnet_w18_small",
+        "model.backbone.pretrained=false",
+        "model.semantic_channels=32",
+        "model.unity_channels=16",
+    ]
+    datamodule_, model, trainer = build_run(compose_config(overrides, run_dir))
+    trainer.fit(model, datamodule=datamodule_)
+    assert trainer.global_step == 2
+    assert model.hparams.num_classes == NUM_CLASSES[name] and model.class_names == list(LAYOUTS[name].classes)
+    # 4 training images at batch 2: the epoch ends at step 2 and validates on the full padded images.
+    assert 0.0 <= model.last_val_scores["mIoU"] <= 1.0
