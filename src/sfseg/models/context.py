@@ -1,0 +1,189 @@
+"""Context modules of the semantic head (Sec. 4.2, Table 6).
+
+Every module maps the projected backbone feature X^(L) [B, D_s, h_L, w_L] to the refined level
+features X'^(1..L), coarse to fine, so the semantic head can swap them by name:
+  none       Eq. 3 pooling only;
+  anl        one ANL block on X^(L), then Eq. 3;
+  anl_multi  Eq. 3, then one ANL block per level;
+  c2f        Eq. 3, then the paper's coarse-to-fine CA/CU cascade (Eq. 4-11).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+PYRAMID_POOL_BINS = (1, 3, 6, 8)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dims: int = 2) -> nn.Sequential:
+    """Conv-BN-ReLU on feature maps (dims=2) or on token sequences [B, C, N] (dims=1)."""
+    conv, norm = (nn.Conv2d, nn.BatchNorm2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d)
+    return nn.Sequential(
+        conv(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+        norm(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def pool_levels(x: Tensor, num_levels: int) -> list[Tensor]:
+    """Eq. 3: X^(l) = AvgPool(X^(L), 2^(L-l)), returned coarse to fine.
+
+    Repeated 2x2 pooling equals one 2^(L-l) pooling on sizes divisible by 2^(L-1) and is cheaper.
+    """
+    levels = [x]
+    for _ in range(num_levels - 1):
+        levels.append(F.avg_pool2d(levels[-1], 2))
+    return levels[::-1]
+
+
+class PyramidPool(nn.Module):
+    """Eq. 6 / Eq. 10: adaptive average pooling to each bin size, flattened and concatenated.
+
+    [B, C, H, W] -> [B, C, 1 + 9 + 36 + 64 = 110] for the default bins, whatever H and W (adaptive
+    pooling repeats pixels when H or W is smaller than a bin count).
+    """
+
+    def __init__(self, bins: tuple[int, ...] = PYRAMID_POOL_BINS) -> None:
+        super().__init__()
+        self.bins = tuple(bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in self.bins], dim=2)
+
+
+class ContextAggregation(nn.Module):
+    """CA (Eq. 8-9): X attends to the context tokens theta, then Conv1x1-BN-ReLU on concat(X_att, X)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        key_channels = channels // 2
+        self.query = nn.Conv2d(channels, key_channels, 1)
+        self.key = nn.Conv1d(channels, key_channels, 1)
+        self.value = nn.Conv1d(channels, channels, 1)
+        self.aggregate = conv_bn_relu(2 * channels, channels)  # Eq. 9: Conv1x1_agg, 2D_s -> D_s
+
+    def forward(self, x: Tensor, theta: Tensor) -> Tensor:
+        batch, _, height, width = x.shape
+        # Eq. 8: scaled dot-product attention of every pixel over the (110) context positions.
+        query = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, hw, D_s/2]
+        key = self.key(theta).transpose(1, 2).unsqueeze(1)  # [B, 1, N, D_s/2]
+        value = self.value(theta).transpose(1, 2).unsqueeze(1)  # [B, 1, N, D_s]
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.squeeze(1).transpose(1, 2).reshape(batch, -1, height, width)
+        return self.aggregate(torch.cat([attended, x], dim=1))  # Eq. 9
+
+
+class ContextUpdate(nn.Module):
+    """CU (Eq. 10-11): theta = Conv1x1-BN-ReLU(concat(PyramidPool(X'), theta_prev)), on tokens."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = PyramidPool()
+        self.update = conv_bn_relu(2 * channels, channels, dims=1)  # Eq. 11: Conv1x1_upd, 2D_s -> D_s
+
+    def forward(self, refined: Tensor, theta: Tensor) -> Tensor:
+        theta_init = self.pool(refined)  # Eq. 10
+        return self.update(torch.cat([theta_init, theta], dim=1))  # Eq. 11
+
+
+class ANLBlock(nn.Module):
+    """Asymmetric non-local block [34]: exactly CA(X, PyramidPool(X))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.pool = PyramidPool()
+        self.attend = ContextAggregation(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attend(x, self.pool(x))
+
+
+class _PerLevelContext(nn.Module):
+    """Base of the modules that own one block per level: their level count is fixed when built."""
+
+    def __init__(self, num_levels: int) -> None:
+        super().__init__()
+        self.num_levels = num_levels
+
+    def _check_levels(self, num_levels: int) -> None:
+        if num_levels != self.num_levels:
+            raise ValueError(
+                f"{type(self).__name__} was built for {self.num_levels} levels, called with {num_levels}"
+            )
+
+
+class NoContext(nn.Module):
+    """Table 6 "-": the plain Eq. 3 pyramid."""
+
+    def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
+        return pool_levels(x, num_levels)
+
+
+class SingleANL(nn.Module):
+    """Table 6 "ANL": one ANL block on X^(L), then the Eq. 3 pyramid."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = ANLBlock(channels)
+
+    def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
+        return pool_levels(self.block(x), num_levels)
+
+
+class MultiANL(_PerLevelContext):
+    """Table 6 "ANL-multi": the Eq. 3 pyramid, then one ANL block on every level X^(l)."""
+
+    def __init__(self, channels: int, num_levels: int) -> None:
+        super().__init__(num_levels)
+        self.blocks = nn.ModuleList(ANLBlock(channels) for _ in range(num_levels))
+
+    def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
+        self._check_levels(num_levels)
+        return [block(level) for block, level in zip(self.blocks, pool_levels(x, num_levels), strict=True)]
+
+
+class CoarseToFineContext(_PerLevelContext):
+    """Table 6 "ours": the coarse-to-fine contextual module (Eq. 4-6, Fig. 2c).
+
+    theta^(0) = PyramidPool(X^(L)) (Eq. 6); for l = 1..L: X'^(l) = CA^(l)(X^(l), theta^(l-1)) (Eq. 4),
+    theta^(l) = CU^(l)(X'^(l), theta^(l-1)) (Eq. 5). theta^(L) feeds nothing, so CU^(L) is not built
+    (an unused module would also break DDP's gradient bookkeeping).
+    """
+
+    def __init__(self, channels: int, num_levels: int) -> None:
+        super().__init__(num_levels)
+        self.pool = PyramidPool()
+        self.aggregate = nn.ModuleList(ContextAggregation(channels) for _ in range(num_levels))
+        self.update = nn.ModuleList(ContextUpdate(channels) for _ in range(num_levels - 1))
+
+    def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
+        self._check_levels(num_levels)
+        theta = self.pool(x)  # Eq. 6
+        refined: list[Tensor] = []
+        for level, features in enumerate(pool_levels(x, num_levels)):
+            refined.append(self.aggregate[level](features, theta))  # Eq. 4
+            if level < num_levels - 1:
+                theta = self.update[level](refined[-1], theta)  # Eq. 5
+        return refined
+
+
+# name -> factory(channels, num_levels)
+CONTEXT_MODULES: dict[str, Callable[[int, int], nn.Module]] = {
+    "none": lambda channels, num_levels: NoContext(),
+    "anl": lambda channels, num_levels: SingleANL(channels),
+    "anl_multi": MultiANL,
+    "c2f": CoarseToFineContext,
+}
+
+
+def build_context(name: str, channels: int, num_levels: int) -> nn.Module:
+    """The context module `name` for D_s=`channels` and L=`num_levels` (model.context.name)."""
+    if name not in CONTEXT_MODULES:
+        raise ValueError(
+            f"model.context.name={name!r} is not a context module; choose one of {', '.join(CONTEXT_MODULES)}"
+        )
+    return CONTEXT_MODULES[name](channels, num_levels)

@@ -1,0 +1,89 @@
+"""The Specialize-and-Fuse segmenter: backbone -> unity head + semantic head (Fig. 2a)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sfseg.models.backbones import create_backbone
+from sfseg.models.heads import SemanticHead, UnityHead
+from sfseg.pyramid import fuse, level_strides
+
+
+@dataclass
+class PyramidOutput:
+    """The two raw pyramids, coarse to fine.
+
+    semantic: L logit maps [B, C, H/s_l, W/s_l]; unity: L-1 logit maps [B, H/s_l, W/s_l] ([] for L=1).
+    """
+
+    semantic: list[Tensor]
+    unity: list[Tensor]
+
+    def prediction(
+        self, size: tuple[int, int], tau: float = 0.9, fuse_levels: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Fused logits upsampled bilinearly to `size` [B, C, *size], and the level map [B, h_L, w_L].
+
+        fuse_levels=False takes the finest level only (Table 8's "auxiliary supervision"); its level
+        map is then L-1 everywhere.
+        """
+        if fuse_levels:
+            logits, level_map = fuse(self.semantic, self.unity, tau)
+        else:
+            logits = self.semantic[-1]
+            level_map = torch.full(
+                logits.shape[:1] + logits.shape[2:],
+                len(self.semantic) - 1,
+                dtype=torch.long,
+                device=logits.device,
+            )
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False), level_map
+
+
+class PyramidSegmenter(nn.Module):
+    """Backbone (stride 4, D channels) with the unity head (D_u) and the semantic head (D_s).
+
+    num_levels=1 is the standard single output: no unity head, unity == [].
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        num_levels: int = 4,
+        context: str = "c2f",
+        unity_channels: int = 64,
+        semantic_channels: int = 512,
+        pretrained: bool = False,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        coarsest_stride = level_strides(num_levels)[0]  # also validates num_levels
+        self.num_levels = num_levels
+        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        # Both are powers of two, so the larger is their common multiple; data and eval pad to it.
+        self.size_divisor = max(coarsest_stride, self.backbone.size_divisor)
+        channels = self.backbone.out_channels
+        self.unity_head = UnityHead(channels, num_levels, unity_channels) if num_levels > 1 else None
+        self.semantic_head = SemanticHead(channels, num_classes, num_levels, semantic_channels, context)
+
+    def forward(self, images: Tensor) -> PyramidOutput:
+        height, width = images.shape[-2:]
+        if height % self.size_divisor or width % self.size_divisor:
+            raise ValueError(
+                f"input size {height}x{width} must be divisible by {self.size_divisor}: the coarsest "
+                f"pyramid stride {level_strides(self.num_levels)[0]} (model.levels={self.num_levels}) and "
+                f"the backbone's coarsest stage stride {self.backbone.size_divisor}; pad inputs to a multiple"
+            )
+        features = self.backbone(images)
+        unity = self.unity_head(features) if self.unity_head is not None else []
+        return PyramidOutput(semantic=self.semantic_head(features), unity=unity)
+
+    def predict(self, images: Tensor, tau: float = 0.9, fuse_levels: bool = True) -> tuple[Tensor, Tensor]:
+        """Fused logits [B, C, H, W] (Eq. 2, then bilinear to the image size) and the level map
+        [B, h_L, w_L] (0 = coarsest). Gradient mode and train/eval mode are the caller's."""
+        return self(images).prediction(images.shape[-2:], tau, fuse_levels)
