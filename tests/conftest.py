@@ -1,0 +1,54 @@
+"""Shared test helpers: composing the real Hydra configs and tiny run settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Overrides that make a run of the synthetic default take seconds on a CPU.
+TINY = [
+    "data.size=64",
+    "data.train_samples=16",
+    "data.val_samples=4",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "model.semantic_channels=32",
+    "model.unity_channels=16",
+    "trainer.max_steps=2",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "num_pyramid_images=2",
+]
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
+
+
+def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose the real config as `python -m sfseg.train` would, with the run folder set."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "run"
+    path.mkdir()
+    yield path
+    GlobalHydra.instance().clear()

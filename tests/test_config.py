@@ -1,0 +1,128 @@
+"""Every config group option composes and instantiates; bad values name the key and the choices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sfseg.train import build
+from tests.conftest import CONF_DIR, TINY, compose_config
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_groups_have_the_documented_options():
+    assert options("model/backbone") == [
+        "hrnet_w18",
+        "hrnet_w18_small",
+        "hrnet_w32",
+        "hrnet_w48",
+        "resnet101",
+    ]
+    assert options("model/context") == ["anl", "anl_multi", "c2f", "none"]
+    assert options("model/relabel") == ["naive", "oracle", "true_positive"]
+
+
+@pytest.mark.parametrize("backbone", options("model/backbone"))
+def test_every_backbone_option_instantiates(backbone: str, run_dir: Path):
+    cfg = compose_config([*TINY, f"model/backbone={backbone}"], run_dir)
+    _, model, _ = build(cfg)
+    assert model.hparams.backbone["name"] == backbone
+    images = torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model.eval()(images)
+    assert [tuple(y.shape[-2:]) for y in out.semantic] == [(2, 2), (4, 4), (8, 8), (16, 16)]
+
+
+@pytest.mark.parametrize("context", options("model/context"))
+@pytest.mark.parametrize("relabel", options("model/relabel"))
+def test_every_context_and_relabel_option_instantiates(context: str, relabel: str, run_dir: Path):
+    cfg = compose_config([*TINY, f"model/context={context}", f"model/relabel={relabel}"], run_dir)
+    datamodule, model, _ = build(cfg)
+    assert model.policy == relabel and model.hparams.context["name"] == context
+    assert datamodule.num_levels == model.levels == 4
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, 64, 64))
+    assert len(out.semantic) == 4 and len(out.unity) == 3
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_option_instantiates(trainer: str, run_dir: Path):
+    # GPU options are checked for everything but the device, which this machine may not have.
+    overrides = [*TINY, f"trainer={trainer}"]
+    if trainer != "default":
+        overrides.append("trainer.accelerator=cpu")
+    _, _, built = build(compose_config(overrides, run_dir))
+    assert built.max_steps == 2
+
+
+def test_the_issue_example_composes(run_dir: Path):
+    cfg = compose_config(
+        [
+            *TINY,
+            "model/backbone=hrnet_w32",
+            "model/context=anl_multi",
+            "model/relabel=oracle",
+            "model.levels=2",
+            "model.tau=0.8",
+        ],
+        run_dir,
+    )
+    datamodule, model, _ = build(cfg)
+    assert (model.levels, model.tau, model.policy) == (2, 0.8, "oracle")
+    assert datamodule.num_levels == 2  # the datamodule builds targets for the model's L
+
+
+def test_model_hyperparameters_are_plain_values(run_dir: Path):
+    _, model, _ = build(compose_config(TINY, run_dir))
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list | tuple):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, str | int | float | bool)
+
+    assert plain(dict(model.hparams))
+    assert not OmegaConf.is_config(model.hparams.backbone)
+
+
+def test_unknown_group_option_lists_the_choices(run_dir: Path):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config([*TINY, "model/context=aspp"], run_dir)
+    message = str(error.value)
+    assert "model/context" in message and "anl_multi" in message and "c2f" in message
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("model.context.name=aspp", "model.context.name='aspp'"),
+        ("model.backbone.name=vgg16", "model.backbone.name"),
+        (
+            "model.relabel.policy=greedy",
+            "model.relabel.policy='greedy' is not one of naive, oracle, true_positive",
+        ),
+        ("model.tau=1.5", "model.tau"),
+        ("model.levels=0", "model.levels"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_allowed_values(override: str, fragment: str, run_dir: Path):
+    cfg = compose_config([*TINY, override], run_dir)
+    with pytest.raises(Exception) as error:  # Hydra wraps errors raised inside instantiate
+        build(cfg)
+    assert fragment in str(error.value)
+
+
+def test_data_size_must_fit_the_coarsest_stride(run_dir: Path):
+    cfg = compose_config([*TINY, "data.size=48"], run_dir)
+    datamodule = instantiate(cfg.data)
+    with pytest.raises(ValueError, match="divisible by the coarsest stride 32"):
+        datamodule.setup("fit")
