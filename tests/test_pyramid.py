@@ -205,6 +205,41 @@ def test_fuse_with_perfect_logits_reproduces_every_cell(case):
         assert torch.all(level_map[coarse_unity] <= level)
 
 
+def eq2_reference(semantic: list[torch.Tensor], unity: list[torch.Tensor], tau: float) -> torch.Tensor:
+    """Eq. 2 written literally: sum_l 1[Up(U^l) >= tau] * Up(Y^l) * prod_{k<l} 1[Up(U^k) < tau]."""
+    finest = semantic[-1].shape[-1]
+    up = [repeat_cells(y, finest // y.shape[-1]) for y in semantic]
+    accept = [repeat_cells(torch.sigmoid(u) >= tau, finest // u.shape[-1]).unsqueeze(1) for u in unity]
+    accept.append(torch.ones_like(accept[0]) if accept else torch.ones_like(up[0][:, :1], dtype=torch.bool))
+    fused = torch.zeros_like(up[-1])
+    for level, logits in enumerate(up):
+        coarser_rejected = torch.ones_like(accept[level])
+        for k in range(level):
+            coarser_rejected &= ~accept[k]
+        fused += (accept[level] & coarser_rejected) * logits
+    return fused
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 2**31 - 1), st.floats(0.05, 0.95))
+def test_fuse_equals_eq2_written_literally(levels: int, num_classes: int, seed: int, tau: float):
+    gen = torch.Generator().manual_seed(seed)
+    finest = 2 ** (levels - 1) * 2
+    semantic = [
+        torch.randn(
+            2, num_classes, finest >> (levels - 1 - level), finest >> (levels - 1 - level), generator=gen
+        )
+        for level in range(levels)
+    ]
+    unity = [torch.randn(2, *y.shape[-2:], generator=gen) * 3 for y in semantic[:-1]]
+    fused, level_map = fuse(semantic, unity, tau)
+    torch.testing.assert_close(fused, eq2_reference(semantic, unity, tau))
+    for level, logits in enumerate(semantic):
+        taken = (level_map == level).unsqueeze(1).expand_as(fused)
+        up = repeat_cells(logits, finest // logits.shape[-1])
+        assert torch.equal(fused[taken], up[taken])
+
+
 def test_fuse_follows_eq2_on_a_hand_example():
     # L=3: level maps 1x1 (stride 16), 2x2 (stride 8), 4x4 (stride 4); 2 classes.
     semantic = [

@@ -84,13 +84,13 @@ def build_targets(labels: Tensor, num_levels: int, ignore_index: int = IGNORE_IN
     labels = labels.long()
     if num_levels == 1:
         return PyramidTargets(semantic=[labels], unity=[], ignore_index=ignore_index)
+    _check_label_range(labels, ignore_index)
 
-    # int16 holds every class id and the ignore index and makes the reductions 4x lighter than int64.
-    small = labels.to(torch.int16)
-    valid = labels != ignore_index
-    no_label_high = torch.iinfo(torch.int16).max
-    low = small.masked_fill(~valid, no_label_high)
-    high = small.masked_fill(~valid, -1)
+    # In uint8 arithmetic (mod 256), `label - ignore_index` maps the ignore index to 0 and every class
+    # to 1..255, and one less maps it to 255 and every class to 0..254. So a plain max (min) over a
+    # cell skips its ignored pixels, with no masks, on 1-byte values: the cheapest reduction there is.
+    high = labels.to(torch.uint8) - ignore_index
+    low = high - 1
 
     semantic: list[Tensor] = []
     unity: list[Tensor] = []
@@ -100,14 +100,24 @@ def build_targets(labels: Tensor, num_levels: int, ignore_index: int = IGNORE_IN
         low = _pool_cells(low, factor, torch.amin)
         high = _pool_cells(high, factor, torch.amax)
         cell = stride
-        has_valid = high >= 0
-        is_unity = has_valid & (low == high)
+        has_valid = high > 0
+        is_unity = has_valid & (low + 1 == high)
         unity.append(torch.where(has_valid, is_unity.long(), ignore_index))
-        semantic.append(torch.where(is_unity, high.long(), ignore_index))
+        semantic.append(torch.where(is_unity, (high + ignore_index).long(), ignore_index))
     semantic.reverse()
     unity.reverse()
     semantic.append(labels)
     return PyramidTargets(semantic=semantic, unity=unity, ignore_index=ignore_index)
+
+
+def _check_label_range(labels: Tensor, ignore_index: int) -> None:
+    if not 0 <= ignore_index <= 255:
+        raise ValueError(f"ignore_index must be in 0..255, got {ignore_index}")
+    low, high = torch.aminmax(labels)
+    if low < 0 or high > 255:
+        raise ValueError(
+            f"label values must be in 0..255 (class ids and the ignore index), got {int(low)}..{int(high)}"
+        )
 
 
 def _pool_cells(x: Tensor, factor: int, reduce) -> Tensor:
@@ -140,15 +150,14 @@ def relabel(
 
     semantic: list[Tensor] = []
     unity: list[Tensor] = []
-    done: Tensor | None = None  # done-by-coarser mask at the previous level's resolution
+    done: Tensor | None = None  # done-by-coarser mask at the previous unity level's resolution
     for level in range(levels):
         sem = targets.semantic[level]
-        done_here = None if done is None else repeat_cells(done, _factor(sem, done))
-        semantic.append(sem if done_here is None else sem.masked_fill(done_here, ignore))
+        semantic.append(sem if done is None else _ignore_cells(sem, done, ignore))
         if level == levels - 1:
             break
         gt_unity = targets.unity[level]
-        unity.append(gt_unity if done_here is None else gt_unity.masked_fill(done_here, ignore))
+        unity.append(gt_unity if done is None else _ignore_cells(gt_unity, done, ignore))
         accept = gt_unity == 1
         if policy == "true_positive":
             logits = unity_logits[level]
@@ -158,8 +167,20 @@ def relabel(
                     f"targets {tuple(gt_unity.shape)}"
                 )
             accept &= logits.detach().float() >= threshold
-        done = accept if done_here is None else done_here | accept
+        done = accept if done is None else repeat_cells(done, _factor(gt_unity, done)) | accept
     return PyramidTargets(semantic, unity, ignore)
+
+
+def _cells(x: Tensor, height: int, width: int) -> Tensor:
+    """View [..., height*a, width*b] as [..., height, a, width, b]: one slot per coarse cell."""
+    return x.reshape(*x.shape[:-2], height, x.shape[-2] // height, width, x.shape[-1] // width)
+
+
+def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
+    """Set to ignore every element of `target` under a True cell of the coarser `coarse_mask`."""
+    height, width = coarse_mask.shape[-2:]
+    masked = torch.where(_cells(coarse_mask, height, width), ignore, _cells(target, height, width))
+    return masked.reshape(target.shape)
 
 
 def fuse(
@@ -176,25 +197,34 @@ def fuse(
         raise ValueError(
             f"fuse needs L-1={levels - 1} unity maps for L={levels} levels, got {len(unity_logits)}"
         )
-    finest = semantic_logits[-1]
-    level_map = torch.full(
-        finest.shape[:1] + finest.shape[2:], levels - 1, dtype=torch.long, device=finest.device
-    )
     if levels == 1:
-        return finest, level_map
+        finest = semantic_logits[0]
+        return finest, finest.new_zeros(finest.shape[:1] + finest.shape[2:], dtype=torch.long)
 
+    # Eq. 2 evaluated coarse to fine: a cell decided at a coarser level (its unity >= tau) keeps that
+    # level's logits; the others take this level's. Each step works at its own level's resolution and
+    # never materialises an upsampled copy, so the cost is about one pass over the finest logits.
     threshold = unity_logit_threshold(tau)
-    undecided = torch.ones_like(level_map, dtype=torch.bool)
-    fused = finest
-    for level in range(levels - 1):
-        # 1[Up(U^l) >= tau] * prod_{k<l} 1[Up(U^k) < tau]: the coarsest accepting level wins (Eq. 2).
-        factor = _factor(finest, unity_logits[level])
-        accept = repeat_cells(unity_logits[level].float() >= threshold, factor)
-        take = accept & undecided
-        level_map = level_map.masked_fill(take, level)
-        fused = torch.where(take.unsqueeze(1), repeat_cells(semantic_logits[level], factor), fused)
-        undecided &= ~accept
+    fused = semantic_logits[0]
+    level_map = torch.zeros(fused.shape[:1] + fused.shape[2:], dtype=torch.long, device=fused.device)
+    decided = unity_logits[0].float() >= threshold
+    for level in range(1, levels):
+        logits = semantic_logits[level]
+        factor = _factor(logits, fused)
+        fused = _keep_decided(decided.unsqueeze(1), fused, logits)
+        level_map = repeat_cells(level_map, factor).masked_fill(~repeat_cells(decided, factor), level)
+        if level < levels - 1:
+            decided = repeat_cells(decided, factor) | (unity_logits[level].float() >= threshold)
     return fused, level_map
+
+
+def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor) -> Tensor:
+    """where(Up(decided), Up(coarse), fine) for nearest Up, via broadcasting views (no upsampled copy)."""
+    height, width = coarse.shape[-2:]
+    kept = torch.where(
+        _cells(decided, height, width), _cells(coarse, height, width), _cells(fine, height, width)
+    )
+    return kept.reshape(fine.shape)
 
 
 @dataclass(frozen=True)

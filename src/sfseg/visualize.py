@@ -54,7 +54,7 @@ def pyramid_figure(
     titles = ["image", "ground truth"]
     titles += [f"unity U{level}" for level in range(1, levels)]
     titles += [f"semantic Y{level}" for level in range(1, levels + 1)]
-    titles += ["level map", "fused"]
+    titles += [f"level map (1 dark…{levels} yellow)", "fused"]
     rows, cols = images.shape[0], len(titles)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
     rgb = denormalize(images)
