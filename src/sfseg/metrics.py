@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from sfseg.analysis import (
+    class_accuracy,
+    class_iou,
+    iou_minus_fused,
+    labels_per_level,
+    mean_iou,
+    specialization_confusion,
+    specialization_miou,
+    unity_precision_recall,
+)
 from sfseg.pyramid import IGNORE_INDEX, level_counts, unity_counts
 
 
@@ -25,36 +38,66 @@ def confusion_matrix(
 def segmentation_scores(confmat: Tensor) -> dict[str, float | list[float]]:
     """mIoU over the classes present in the ground truth or the prediction, pixel and mean accuracy,
     and per-class IoU and accuracy (NaN for absent classes)."""
-    confmat = confmat.double()
-    true_positive = confmat.diag()
-    gt = confmat.sum(1)
-    predicted = confmat.sum(0)
-    union = gt + predicted - true_positive
-    iou = torch.where(union > 0, true_positive / union.clamp(min=1), torch.nan)
-    accuracy = torch.where(gt > 0, true_positive / gt.clamp(min=1), torch.nan)
+    iou = class_iou(confmat)
+    accuracy = class_accuracy(confmat)
     total = confmat.sum()
     return {
-        "mIoU": _nanmean(iou),
-        "pixel_acc": float(true_positive.sum() / total) if total > 0 else float("nan"),
-        "mean_acc": _nanmean(accuracy),
+        "mIoU": float(mean_iou(confmat)),
+        "pixel_acc": float(confmat.diagonal().sum() / total) if total > 0 else float("nan"),
+        "mean_acc": float(torch.nanmean(accuracy)),
         "iou": iou.tolist(),
         "acc": accuracy.tolist(),
     }
 
 
-def _nanmean(values: Tensor) -> float:
-    present = values[~values.isnan()]
-    return float(present.mean()) if present.numel() else float("nan")
+class _SyncedMetric(Metric):
+    """A Metric whose extra read-outs (besides `compute`) also see the states summed over ranks."""
+
+    def synced(self) -> AbstractContextManager[None]:
+        # compute() syncs on its own; other methods must ask, or under DDP they read one rank's share.
+        return self.sync_context(
+            dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=self._should_unsync
+        )
 
 
-class PyramidMetrics(Metric):
-    """Accumulates, over a split, the confusion matrices of the fused output and of each level's own
-    prediction, the unity pyramid's hits at tau, and how many finest cells each level resolves."""
+class SegmentationMetrics(_SyncedMetric):
+    """One confusion matrix over a split; `compute` gives `segmentation_scores` of it."""
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, num_levels: int, tau: float = 0.9, ignore_index: int = IGNORE_INDEX):
-        super().__init__()
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.add_state("confmat", torch.zeros(num_classes, num_classes, dtype=torch.long), "sum")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        self.confmat += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+
+    def compute(self) -> dict[str, float | list[float]]:
+        return segmentation_scores(self.confmat)
+
+
+class PyramidMetrics(_SyncedMetric):
+    """Accumulates, over a split, the confusion matrices of the fused output and of each level's own
+    prediction, Table 9's confusion matrices (pixels grouped by the level the fused map took them
+    from), the unity pyramid's hits at tau, and how many finest cells and labels each level gives.
+
+    Every state is a sum, so under DDP the ranks' states add up to the whole split's. Extra keyword
+    arguments go to torchmetrics' Metric (e.g. `dist_sync_fn`).
+    """
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_levels: int,
+        tau: float = 0.9,
+        ignore_index: int = IGNORE_INDEX,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
         self.num_classes = num_classes
         self.num_levels = num_levels
         self.tau = tau
@@ -63,8 +106,15 @@ class PyramidMetrics(Metric):
         self.add_state(
             "confmat", torch.zeros(num_levels + 1, num_classes, num_classes, dtype=torch.long), "sum"
         )
+        # [level the fused map took the pixel from, level whose prediction is scored, C, C] (Table 9).
+        self.add_state(
+            "specialization",
+            torch.zeros(num_levels, num_levels, num_classes, num_classes, dtype=torch.long),
+            "sum",
+        )
         self.add_state("unity", torch.zeros(max(num_levels - 1, 0), 3, dtype=torch.long), "sum")
         self.add_state("cells", torch.zeros(num_levels, dtype=torch.long), "sum")
+        self.add_state("labels", torch.zeros(num_levels, dtype=torch.long), "sum")
 
     def update(
         self,
@@ -75,30 +125,62 @@ class PyramidMetrics(Metric):
         unity_targets: list[Tensor],
         level_map: Tensor,
     ) -> None:
+        """fused_pred, level_preds (L maps) and target are [B, H, W] at label size; level_map is
+        `fuse`'s [B, h_L, w_L], and the label size must be a whole multiple of it."""
         preds = [fused_pred, *level_preds]
         for row, pred in enumerate(preds):
             self.confmat[row] += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.specialization += specialization_confusion(
+            level_preds, target, level_map, self.num_classes, self.ignore_index
+        )
         if unity_logits:
             self.unity += unity_counts(unity_logits, unity_targets, self.tau, self.ignore_index).to(
                 self.unity
             )
         self.cells += level_counts(level_map, self.num_levels).to(self.cells)
+        self.labels += labels_per_level(level_map, self.num_levels).to(self.labels)
 
     def compute(self) -> dict[str, float]:
         fused = segmentation_scores(self.confmat[0])
         result = {"mIoU": fused["mIoU"], "pixel_acc": fused["pixel_acc"], "mean_acc": fused["mean_acc"]}
-        for level in range(1, self.num_levels + 1):
-            result[f"mIoU_level{level}"] = segmentation_scores(self.confmat[level])["mIoU"]
+        for level, miou in enumerate(mean_iou(self.confmat[1:]).tolist(), start=1):
+            result[f"mIoU_level{level}"] = miou
         result["mIoU_finest"] = result[f"mIoU_level{self.num_levels}"]
-        for level, (tp, fp, fn) in enumerate(self.unity.double(), start=1):
-            result[f"unity_precision_level{level}"] = float(tp / (tp + fp)) if tp + fp > 0 else float("nan")
-            result[f"unity_recall_level{level}"] = float(tp / (tp + fn)) if tp + fn > 0 else float("nan")
+        precision, recall = unity_precision_recall(self.unity)
+        for level, (prec, rec) in enumerate(zip(precision.tolist(), recall.tolist(), strict=True), start=1):
+            result[f"unity_precision_level{level}"] = prec
+            result[f"unity_recall_level{level}"] = rec
         shares = self.cells.double() / self.cells.sum().clamp(min=1)
         for level, share in enumerate(shares.tolist(), start=1):
             result[f"share_level{level}"] = share
+        # Parsimony: labels the fused map needs per finest cell (1.0 = no saving over the finest level).
+        result["labels_per_finest_cell"] = float(self.labels.sum() / self.cells.sum().clamp(min=1))
         return result
 
     def per_class(self) -> dict[str, list[float]]:
         """Per-class IoU and accuracy of the fused output."""
-        scores = segmentation_scores(self.confmat[0])
+        with self.synced():
+            scores = segmentation_scores(self.confmat[0])
         return {"iou": scores["iou"], "acc": scores["acc"]}
+
+    def specialization_report(self) -> dict[str, Tensor]:
+        """The Sec. 5.5 analysis of the split, as tensors (float64 scores, NaN where undefined):
+
+        table9 [L predicting (rows), L assigned (columns)] mIoU and group_pixels [L assigned];
+        level_iou [L, C], fused_iou [C] and iou_minus_fused [L, C] (Fig. 3, classes in the ground
+        truth only); cells [L] (finest cells taken from each level), labels [L] (labels taken from
+        each level, one per level-l cell); unity_precision and unity_recall [L-1].
+        """
+        with self.synced():
+            precision, recall = unity_precision_recall(self.unity)
+            return {
+                "table9": specialization_miou(self.specialization),
+                "group_pixels": self.specialization[:, 0].sum(dim=(-2, -1)),
+                "level_iou": class_iou(self.confmat[1:]),
+                "fused_iou": class_iou(self.confmat[0]),
+                "iou_minus_fused": iou_minus_fused(self.confmat[1:], self.confmat[0]),
+                "cells": self.cells.clone(),
+                "labels": self.labels.clone(),
+                "unity_precision": precision,
+                "unity_recall": recall,
+            }

@@ -1,0 +1,121 @@
+"""Specialization analysis (Sec. 5.5, DESIGN 5) as pure tensor functions.
+
+The metrics accumulate the counts over a split (`sfseg.metrics.PyramidMetrics`); these functions turn
+the counts into Table 9, Fig. 3, the parsimony of the fused map and the unity precision/recall.
+Levels are ordered coarse to fine (index 0 is the paper's level 1), as in `sfseg.pyramid`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sfseg.pyramid import FINEST_STRIDE, IGNORE_INDEX, level_strides, repeat_cells
+
+
+def class_iou(confmat: Tensor) -> Tensor:
+    """Per-class IoU of confusion matrices [..., C, C] (rows ground truth, columns prediction) as
+    float64 [..., C]; NaN for a class absent from both the ground truth and the prediction."""
+    confmat = confmat.double()
+    true_positive = confmat.diagonal(dim1=-2, dim2=-1)
+    union = confmat.sum(-1) + confmat.sum(-2) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.nan)
+
+
+def class_accuracy(confmat: Tensor) -> Tensor:
+    """Per-class accuracy (recall) [..., C]; NaN for a class absent from the ground truth."""
+    confmat = confmat.double()
+    ground_truth = confmat.sum(-1)
+    return torch.where(
+        ground_truth > 0, confmat.diagonal(dim1=-2, dim2=-1) / ground_truth.clamp(min=1), torch.nan
+    )
+
+
+def mean_iou(confmat: Tensor) -> Tensor:
+    """mIoU [...] over the classes present in the ground truth or the prediction; NaN if none is."""
+    return torch.nanmean(class_iou(confmat), dim=-1)
+
+
+def pixel_levels(level_map: Tensor, size: Sequence[int]) -> Tensor:
+    """The level each pixel of a [B, H, W] label map was fused from: the level map [B, h_L, w_L] with
+    each finest cell repeated over its pixels (nearest upsampling when `size` is not a whole multiple
+    of the level map, e.g. labels kept at a size the images were not resized to)."""
+    height, width = size
+    cells_h, cells_w = level_map.shape[-2:]
+    factor = height // cells_h
+    if factor >= 1 and (cells_h * factor, cells_w * factor) == (height, width):
+        return repeat_cells(level_map, factor)
+    return F.interpolate(level_map.unsqueeze(1).float(), size=(height, width), mode="nearest")[:, 0].long()
+
+
+def specialization_confusion(
+    level_preds: Sequence[Tensor],
+    target: Tensor,
+    level_map: Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Table 9's counts: one confusion matrix per (level the fused map took the pixel from, level
+    whose own prediction is scored), shape [L assigned, L predicting, C, C] (int64).
+
+    level_preds: L class maps [B, H, W] (each level's argmax at label size); target [B, H, W];
+    level_map [B, h_L, w_L] from `fuse` (0 = coarsest). Ignored pixels are left out.
+    """
+    num_levels = len(level_preds)
+    preds = torch.stack(list(level_preds))  # [L, B, H, W]
+    valid = target != ignore_index
+    assigned = pixel_levels(level_map, target.shape[-2:])[valid]
+    truth = target[valid]
+    predicting = torch.arange(num_levels, device=target.device).view(num_levels, 1)
+    # One bincount over (assigned, predicting, truth, prediction) for all levels at once.
+    group = assigned.unsqueeze(0) * num_levels + predicting
+    index = (group * num_classes + truth.unsqueeze(0)) * num_classes + preds[:, valid]
+    counts = torch.bincount(index.flatten(), minlength=num_levels * num_levels * num_classes * num_classes)
+    return counts.view(num_levels, num_levels, num_classes, num_classes)
+
+
+def specialization_miou(confmats: Tensor) -> Tensor:
+    """Table 9 [L predicting (rows, l'), L assigned (columns, l)] from `specialization_confusion`
+    counts [L assigned, L predicting, C, C]; NaN for a group without pixels."""
+    return mean_iou(confmats).transpose(0, 1)
+
+
+def iou_minus_fused(level_confmats: Tensor, fused_confmat: Tensor) -> Tensor:
+    """Fig. 3: per class, IoU of each level's own prediction minus the fused output's IoU, [L, C].
+
+    Only classes present in the ground truth are scored (NaN elsewhere): for a class that never
+    occurs, an IoU of 0 or 1 says nothing about which level is better at it.
+    """
+    present = fused_confmat.sum(-1) > 0
+    difference = class_iou(level_confmats) - class_iou(fused_confmat)
+    return torch.where(present, difference, torch.nan)
+
+
+def labels_per_level(level_map: Tensor, num_levels: int) -> Tensor:
+    """How many labels the fused map takes from each level, counted at that level's own cell
+    resolution: a level-l cell counts once, not once per finest cell under it. Shape [L] (int64).
+
+    The count is of the level-l cells that contain a finest cell taken from level l; a cell cut by
+    the border of the map still counts once.
+    """
+    counts = []
+    for level, stride in enumerate(level_strides(num_levels)):
+        taken = (level_map == level).unsqueeze(1).float()
+        factor = stride // FINEST_STRIDE
+        cells = F.max_pool2d(taken, kernel_size=factor, stride=factor, ceil_mode=True)
+        counts.append(cells.sum().long())
+    return torch.stack(counts)
+
+
+def unity_precision_recall(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Precision and recall [L-1] of "predicted unity >= tau" from `unity_counts` rows
+    [true positives, false positives, false negatives]; NaN where undefined."""
+    true_positive, false_positive, false_negative = counts.double().unbind(-1)
+    predicted = true_positive + false_positive
+    actual = true_positive + false_negative
+    precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.nan)
+    recall = torch.where(actual > 0, true_positive / actual.clamp(min=1), torch.nan)
+    return precision, recall

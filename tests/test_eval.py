@@ -1,0 +1,274 @@
+"""Evaluation: inference helpers on a stand-in model, then `python -m sfseg.eval` end to end on a
+checkpoint trained here (whole image, sliding window, multi-scale + flip, finest level only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfseg.data.classes import SYNTHETIC_CLASSES
+from sfseg.eval import (
+    InferenceSettings,
+    default_eval_folder,
+    pad_images,
+    run,
+    slide_logits,
+    tta_probabilities,
+    whole_logits,
+    window_starts,
+)
+from sfseg.visualize import denormalize
+from tests.conftest import TINY, compose_config
+
+# The data part of the tiny training run: eval must see the same validation images.
+TINY_DATA = [override for override in TINY if override.startswith("data.")]
+EVAL_FILES = ("metrics.json", "per_class.csv", "specialization.json", "table9.png", "fig3.png")
+
+
+def train_tiny_checkpoint(base: Path) -> Path:
+    """A training run folder of the tiny synthetic run (trained once per test session, then reused)."""
+    run_dir = base / "tiny_run"
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        result = subprocess.run(
+            [sys.executable, "-m", "sfseg.train", *TINY, f"hydra.run.dir={run_dir}"],
+            cwd=base,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference helpers on a stand-in whose prediction depends on each pixel alone
+
+
+class PixelwiseNet(torch.nn.Module):
+    """predict() maps each pixel's colour to logits: any tiling, padding or flip must give the same
+    answer as one pass over the image. Records the input sizes it was asked for."""
+
+    size_divisor = 32
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.weight = torch.randn(num_classes, 3, generator=torch.Generator().manual_seed(0))
+        self.sizes: list[tuple[int, int]] = []
+
+    def predict(self, images: torch.Tensor, tau: float, fuse_levels: bool = True):
+        self.sizes.append(tuple(images.shape[-2:]))
+        logits = torch.einsum("cd,bdhw->bchw", self.weight, images)
+        return logits, torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.long)
+
+
+def direct_logits(net: PixelwiseNet, images: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("cd,bdhw->bchw", net.weight, images)
+
+
+def test_window_starts_cover_the_side_and_end_flush():
+    assert window_starts(100, 32, 20) == [0, 20, 40, 60, 68]
+    assert window_starts(64, 32, 32) == [0, 32]
+    assert window_starts(32, 32, 16) == [0]
+
+
+def test_padding_is_black_like_the_validation_pipeline():
+    images = torch.randn(2, 3, 5, 7)
+    padded = pad_images(images, 32, 32)
+    assert padded.shape == (2, 3, 32, 32) and torch.equal(padded[..., :5, :7], images)
+    assert (denormalize(padded)[:, 5:] == 0).all() and (denormalize(padded)[:, :, 7:] == 0).all()
+
+
+def test_whole_image_pads_to_the_size_divisor_and_crops_back():
+    net = PixelwiseNet()
+    images = torch.randn(1, 3, 50, 70)
+    logits = whole_logits(net, images, tau=0.9)
+    assert net.sizes == [(64, 96)]
+    assert torch.allclose(logits, direct_logits(net, images), atol=1e-6)
+
+
+def test_sliding_window_averages_overlapping_windows_back_to_the_image():
+    net = PixelwiseNet()
+    images = torch.randn(2, 3, 50, 70)
+    logits = slide_logits(net, images, crop_size=(32, 32), stride=(16, 24), tau=0.9)
+    assert logits.shape == (2, 4, 50, 70)
+    assert set(net.sizes) == {(32, 32)} and len(net.sizes) == 3 * 3
+    assert torch.allclose(logits, direct_logits(net, images), atol=1e-5)
+    small = torch.randn(1, 3, 20, 20)  # smaller than a window: padded to one window
+    assert torch.allclose(
+        slide_logits(net, small, (32, 32), (16, 16), 0.9), direct_logits(net, small), atol=1e-5
+    )
+    with pytest.raises(
+        ValueError, match=r"eval.crop_size=\[48, 48\] must be a multiple of the model's size divisor 32"
+    ):
+        slide_logits(net, images, crop_size=(48, 48), stride=(16, 16), tau=0.9)
+
+
+def test_flip_and_scales_average_softmax_at_the_original_resolution():
+    net = PixelwiseNet()
+    images = torch.randn(1, 3, 40, 56)
+    expected = direct_logits(net, images).softmax(1)
+    flipped = tta_probabilities(net, images, InferenceSettings(flip=True), tau=0.9)
+    assert torch.allclose(flipped, expected, atol=1e-5)  # a pixelwise model is flip-invariant
+    multi = tta_probabilities(net, images, InferenceSettings(scales=(0.5, 1.0, 1.5), flip=True), tau=0.9)
+    assert multi.shape == expected.shape
+    assert torch.allclose(multi.sum(1), torch.ones(1, 40, 56), atol=1e-5)  # an average of distributions
+    assert sorted(set(net.sizes)) == [(32, 32), (64, 64), (64, 96)]  # 20x28, 40x56, 60x84, padded
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"mode": "tiles"}, "eval.mode='tiles' is not one of whole, slide"),
+        ({"scales": ()}, "eval.scales must be a non-empty list"),
+        ({"stride": (600, 600)}, r"eval.stride=\[600, 600\] must not exceed eval.crop_size=\[512, 512\]"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        InferenceSettings(**override)
+
+
+def test_default_eval_folder_is_in_the_training_run_and_says_the_variant(tmp_path: Path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.touch()
+    assert default_eval_folder(str(ckpt), "whole", [1.0], False, True) == str(tmp_path / "run" / "eval")
+    assert default_eval_folder(str(ckpt), "whole", [1.0], False, False) == str(
+        tmp_path / "run" / "eval_finest"
+    )
+    assert default_eval_folder(str(ckpt), "slide", [0.5, 1.0], True, True).endswith("eval_slide_ms_flip")
+    elsewhere = tmp_path / "model.ckpt"
+    elsewhere.touch()
+    assert default_eval_folder(str(elsewhere), "whole", [1.0], False, True) == str(tmp_path / "eval")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*typo\.ckpt: no such checkpoint file"):
+        default_eval_folder(str(tmp_path / "typo.ckpt"), "whole", [1.0], False, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a trained checkpoint
+
+
+def read_outputs(folder: Path) -> tuple[dict, dict, list[dict]]:
+    for name in EVAL_FILES:
+        assert (folder / name).is_file(), name
+    assert (folder / "table9.png").stat().st_size > 5_000 and (folder / "fig3.png").stat().st_size > 5_000
+    with (folder / "per_class.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    return (
+        json.loads((folder / "metrics.json").read_text()),
+        json.loads((folder / "specialization.json").read_text()),
+        rows,
+    )
+
+
+@pytest.mark.slow
+def test_eval_cli_whole_image_reproduces_the_validation_of_training(trained_run: Path):
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sfseg.eval",
+            f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+            *TINY_DATA,
+        ],
+        cwd=trained_run.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics, specialization, rows = read_outputs(trained_run / "eval")  # <run folder>/eval by default
+
+    # Same checkpoint, same images: the same dataset-level scores as the training run's validation.
+    for key in ("mIoU", "pixel_acc", "mean_acc"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-6), key
+    assert list(metrics["per_class_iou"]) == list(SYNTHETIC_CLASSES)
+    for name, iou in trained["per_class_iou"].items():
+        assert metrics["per_class_iou"][name] == pytest.approx(iou, abs=1e-6, nan_ok=True)
+    assert metrics["num_images"] == 4 and metrics["inference"]["mode"] == "whole"
+    assert [row["class"] for row in rows] == list(SYNTHETIC_CLASSES)
+    for row in rows:
+        iou = metrics["per_class_iou"][row["class"]]
+        assert (row["iou"] == "") if iou is None else float(row["iou"]) == pytest.approx(iou, abs=1e-6)
+
+    # The analysis is of the same pyramid the training run validated.
+    for level in range(1, 5):
+        assert specialization["pyramid_scores"][f"mIoU_level{level}"] == pytest.approx(
+            trained[f"mIoU_level{level}"]
+        )
+        assert specialization["parsimony"]["share_per_level"][f"level{level}"] == pytest.approx(
+            trained[f"share_level{level}"]
+        )
+    assert len(specialization["table9"]["miou"]) == 4 and all(
+        len(row) == 4 for row in specialization["table9"]["miou"]
+    )
+    # Every pixel is in one column (synthetic labels have no ignored pixel).
+    assert sum(specialization["table9"]["pixels_per_column"]) == 4 * 64 * 64
+    parsimony = specialization["parsimony"]
+    assert parsimony["finest_cells"] == 4 * 16 * 16
+    assert parsimony["labels"] == sum(parsimony["labels_per_level"].values()) <= parsimony["finest_cells"]
+    assert set(specialization["unity"]["precision"]) == {"level1", "level2", "level3"}
+    assert set(specialization["fig3"]["iou_minus_fused"]) == {f"level{level}" for level in range(1, 5)}
+
+    # The per-class table and a progress bar are shown.
+    assert "mIoU" in result.stdout and "sky" in result.stdout and "pole" in result.stdout
+    assert str(trained_run / "eval" / "metrics.json") in result.stdout
+    assert "eval: 100%" in result.stderr
+
+
+def evaluate_in_process(trained_run: Path, out: Path, *overrides: str) -> tuple[dict, dict, list[dict]]:
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        [f"ckpt_path={ckpt}", *TINY_DATA, "eval.device=cpu", *overrides], out, config_name="eval"
+    )
+    run(cfg)
+    return read_outputs(out)
+
+
+@pytest.mark.slow
+def test_eval_variants_slide_tta_and_finest_only(trained_run: Path, tmp_path: Path):
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    whole, whole_specialization, _ = evaluate_in_process(trained_run, tmp_path / "whole")
+
+    # One window as large as the image is the whole-image prediction (several windows: see the
+    # stand-in tests above).
+    slide, slide_specialization, _ = evaluate_in_process(
+        trained_run, tmp_path / "slide", "eval.mode=slide", "eval.crop_size=64", "eval.stride=32"
+    )
+    assert slide["inference"]["mode"] == "slide" and slide["inference"]["crop_size"] == [64, 64]
+    assert slide["per_class_iou"] == whole["per_class_iou"]
+    # The specialization analysis is of the model's own fused pyramid, whatever the inference mode.
+    assert slide_specialization == whole_specialization
+
+    tta, _, _ = evaluate_in_process(
+        trained_run, tmp_path / "tta", "eval.scales=[0.5,1.0]", "eval.flip=true", "eval.autocast=bfloat16"
+    )
+    assert tta["inference"]["scales"] == [0.5, 1.0] and tta["inference"]["flip"] is True
+    assert 0 <= tta["mIoU"] <= 1 and tta["pixel_acc"] > 0
+
+    # Table 8's "auxiliary supervision": the finest level alone, as the training run measured it.
+    finest, _, _ = evaluate_in_process(trained_run, tmp_path / "finest", "eval.fuse=false")
+    assert finest["mIoU"] == pytest.approx(trained["mIoU_finest"], abs=1e-6)
+    assert finest["inference"]["fuse"] is False
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_model_or_data_that_does_not_match_the_checkpoint(trained_run: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match=r"model\.levels=2 but the checkpoint was trained with 4"):
+        evaluate_in_process(trained_run, tmp_path / "a", "model.levels=2")
+    with pytest.raises(ValueError, match=r"data\.num_levels=2 but the checkpoint has L=4"):
+        evaluate_in_process(trained_run, tmp_path / "b", "data.num_levels=2")
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*missing\.ckpt: no such checkpoint file"):
+        run(compose_config([f"ckpt_path={tmp_path / 'missing.ckpt'}", "eval.device=cpu"], tmp_path, "eval"))

@@ -1,0 +1,212 @@
+"""Dataset-level metrics (DESIGN 5) against independent computations: torchmetrics' own classes,
+an absent class, the ignore index, Table 9 by explicit masking, and a split over two DDP ranks."""
+
+import math
+
+import pytest
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex, MulticlassRecall
+from torchmetrics.utilities.data import dim_zero_sum
+
+from sfseg.analysis import pixel_levels
+from sfseg.metrics import PyramidMetrics, SegmentationMetrics, confusion_matrix, segmentation_scores
+from sfseg.pyramid import IGNORE_INDEX, build_targets, fuse, repeat_cells
+
+NUM_CLASSES = 5
+ABSENT = 3  # never in the ground truth nor in any prediction
+ONLY_PREDICTED = 4  # predicted sometimes, never in the ground truth
+LEVELS = 3  # strides 16, 8, 4
+
+
+def random_split(seed: int, batches: int = 3, size: int = 32):
+    """Batches of labels with ignored pixels, and pyramids of random logits (so fuse mixes levels)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        labels = repeat_cells(torch.randint(0, 3, (2, size // 8, size // 8), generator=gen), 8)
+        labels = labels.masked_fill(torch.rand(labels.shape, generator=gen) < 0.1, IGNORE_INDEX)
+        semantic = []
+        for level in range(LEVELS):
+            cells = size // (16 // 2**level)
+            logits = torch.randn(2, NUM_CLASSES, cells, cells, generator=gen)
+            logits[:, ABSENT] = -100.0
+            logits[:, ONLY_PREDICTED] -= 1.5
+            semantic.append(logits)
+        unity = [torch.randn(2, size // s, size // s, generator=gen) * 3 for s in (16, 8)]
+        yield labels, semantic, unity
+
+
+def update(metrics: PyramidMetrics, labels, semantic, unity) -> None:
+    fused, level_map = fuse(semantic, unity, metrics.tau)
+    metrics.update(
+        fused_pred=to_label_size(fused, labels),
+        level_preds=[to_label_size(logits, labels) for logits in semantic],
+        target=labels,
+        unity_logits=unity,
+        unity_targets=build_targets(labels, LEVELS).unity,
+        level_map=level_map,
+    )
+
+
+def to_label_size(logits, labels):
+    return torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear").argmax(1)
+
+
+def test_scores_agree_with_torchmetrics_with_an_absent_class_and_ignored_pixels():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 3, (4, 16, 16), generator=gen)
+    target[:, :2] = IGNORE_INDEX
+    pred = torch.randint(0, 3, target.shape, generator=gen)
+    pred[0, 5] = ONLY_PREDICTED
+    pred[target == IGNORE_INDEX] = ABSENT  # predictions on ignored pixels must not count
+
+    confmat = confusion_matrix(pred, target, NUM_CLASSES)
+    scores = segmentation_scores(confmat)
+    reference_iou = MulticlassJaccardIndex(NUM_CLASSES, average=None, ignore_index=IGNORE_INDEX)(pred, target)
+    reference_acc = MulticlassRecall(NUM_CLASSES, average=None, ignore_index=IGNORE_INDEX)(pred, target)
+
+    assert confmat.sum() == (target != IGNORE_INDEX).sum()
+    present = [0, 1, 2, ONLY_PREDICTED]
+    assert torch.tensor(scores["iou"])[present].tolist() == pytest.approx(reference_iou[present].tolist())
+    assert scores["iou"][ONLY_PREDICTED] == 0.0  # predicted but never true: counts, as 0
+    assert math.isnan(scores["iou"][ABSENT])  # in neither: left out of the mean, not counted as 0
+    assert scores["mIoU"] == pytest.approx(float(reference_iou[present].mean()))
+    assert torch.tensor(scores["acc"])[:3].tolist() == pytest.approx(reference_acc[:3].tolist())
+    assert math.isnan(scores["acc"][ONLY_PREDICTED]) and math.isnan(scores["acc"][ABSENT])
+    assert scores["mean_acc"] == pytest.approx(float(reference_acc[:3].mean()))
+    valid = target != IGNORE_INDEX
+    assert scores["pixel_acc"] == pytest.approx(float((pred[valid] == target[valid]).double().mean()))
+
+
+def test_one_confusion_matrix_per_split_not_a_mean_over_images():
+    metrics = SegmentationMetrics(2)
+    small = torch.zeros(1, 2, 2, dtype=torch.long)  # 4 pixels of class 0, all right: IoU 1, 1 class
+    large_target = torch.ones(1, 8, 8, dtype=torch.long)
+    large_pred = large_target.clone()
+    large_pred[0, 0, :4] = 0  # 4 of 64 class-1 pixels called class 0
+    metrics.update(small, small)
+    metrics.update(large_pred, large_target)
+    # Split level: class 0 IoU 4/8, class 1 IoU 60/64; a per-image mean would give (1 + (0 + 60/64) / 2) / 2.
+    assert metrics.compute()["mIoU"] == pytest.approx((4 / 8 + 60 / 64) / 2)
+
+
+def test_confusion_matrix_names_a_label_outside_the_classes():
+    with pytest.raises(ValueError, match=r"label value 7 is outside 0\.\.4"):
+        confusion_matrix(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 7), NUM_CLASSES)
+
+
+def test_pyramid_metrics_match_independent_per_level_and_table9_computations():
+    metrics = PyramidMetrics(NUM_CLASSES, LEVELS)
+    all_labels, all_levels, all_assigned = [], [[] for _ in range(LEVELS)], []
+    for labels, semantic, unity in random_split(seed=1):
+        update(metrics, labels, semantic, unity)
+        _, level_map = fuse(semantic, unity, 0.9)
+        all_labels.append(labels)
+        all_assigned.append(pixel_levels(level_map, labels.shape[-2:]))
+        for level, logits in enumerate(semantic):
+            all_levels[level].append(to_label_size(logits, labels))
+    labels, assigned = torch.cat(all_labels), torch.cat(all_assigned)
+    preds = [torch.cat(level) for level in all_levels]
+    assert assigned.unique().numel() == LEVELS  # the random unity logits spread pixels over all levels
+
+    report = metrics.specialization_report()
+    reference = MulticlassConfusionMatrix(NUM_CLASSES, ignore_index=IGNORE_INDEX)
+    for level, pred in enumerate(preds):
+        reference_iou = MulticlassJaccardIndex(NUM_CLASSES, average=None, ignore_index=IGNORE_INDEX)(
+            pred, labels
+        )
+        assert report["level_iou"][level, :3].tolist() == pytest.approx(reference_iou[:3].tolist())
+        for group in range(LEVELS):
+            in_group = assigned == group
+            expected = reference(pred[in_group], labels[in_group])
+            assert torch.equal(metrics.specialization[group, level], expected)
+    # Table 9 rows are the predicting level, columns the group; each entry is that group's mIoU.
+    group, level = 1, 0
+    expected = segmentation_scores(metrics.specialization[group, level])["mIoU"]
+    assert float(report["table9"][level, group]) == pytest.approx(expected)
+    assert report["group_pixels"].tolist() == [
+        int(((assigned == g) & (labels != IGNORE_INDEX)).sum()) for g in range(LEVELS)
+    ]
+    # Fig. 3 is each level's IoU minus the fused IoU, on classes in the ground truth.
+    assert report["iou_minus_fused"][:, :3] == pytest.approx(
+        report["level_iou"][:, :3] - report["fused_iou"][:3]
+    )
+    assert report["iou_minus_fused"][:, 3:].isnan().all()
+    # Parsimony: every finest cell counted once; fewer labels than finest cells once coarse levels take some.
+    assert metrics.cells.sum() == labels.numel() // 16
+    assert (metrics.labels <= metrics.cells).all() and metrics.labels.sum() < metrics.cells.sum()
+    assert metrics.compute()["labels_per_finest_cell"] == pytest.approx(
+        float(metrics.labels.sum() / metrics.cells.sum())
+    )
+
+
+def test_every_state_is_summed_over_ranks():
+    metrics = PyramidMetrics(NUM_CLASSES, LEVELS)
+    assert set(metrics._reductions) == {"confmat", "specialization", "unity", "cells", "labels"}
+    assert all(reduction is dim_zero_sum for reduction in metrics._reductions.values())
+    assert SegmentationMetrics(NUM_CLASSES)._reductions == {"confmat": dim_zero_sum}
+
+
+def assert_same_per_class(left: dict[str, list[float]], right: dict[str, list[float]]) -> None:
+    assert left.keys() == right.keys()
+    for key in right:
+        assert left[key] == pytest.approx(right[key], nan_ok=True), key
+
+
+def assert_same_results(left: PyramidMetrics, right: PyramidMetrics) -> None:
+    assert left.compute() == pytest.approx(right.compute(), nan_ok=True)
+    assert_same_per_class(left.per_class(), right.per_class())
+    for key, value in right.specialization_report().items():
+        assert torch.allclose(left.specialization_report()[key], value, equal_nan=True), key
+
+
+def test_split_over_two_ranks_gives_the_same_metrics_as_one_process():
+    batches = list(random_split(seed=2, batches=4))
+    whole = PyramidMetrics(NUM_CLASSES, LEVELS)
+    for batch in batches:
+        update(whole, *batch)
+
+    rank0, rank1 = PyramidMetrics(NUM_CLASSES, LEVELS), PyramidMetrics(NUM_CLASSES, LEVELS)
+    for index, batch in enumerate(batches):
+        update(rank0 if index % 2 == 0 else rank1, *batch)
+    one_rank_alone = segmentation_scores(rank0.confmat[0])["mIoU"]
+    assert one_rank_alone != pytest.approx(whole.compute()["mIoU"])
+    rank0.merge_state(rank1)
+    assert_same_results(rank0, whole)
+
+
+def test_every_read_out_syncs_through_the_ddp_gather_path():
+    batches = list(random_split(seed=3, batches=4))
+    whole = PyramidMetrics(NUM_CLASSES, LEVELS)
+    for batch in batches:
+        update(whole, *batch)
+
+    other_rank = PyramidMetrics(NUM_CLASSES, LEVELS)
+    partner: dict[int, torch.Tensor] = {}
+
+    def gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
+        # What torch.distributed's all_gather returns on rank 0: [rank 0's state, rank 1's state].
+        return [tensor, partner[id(tensor)]]
+
+    this_rank = PyramidMetrics(
+        NUM_CLASSES, LEVELS, dist_sync_fn=gather, distributed_available_fn=lambda: True
+    )
+    for index, batch in enumerate(batches):
+        update(this_rank if index % 2 == 0 else other_rank, *batch)
+    local_confmat = this_rank.confmat.clone()
+
+    def pair_states() -> None:  # the sync reads the current state tensors; map each to its partner
+        partner.clear()
+        partner.update(
+            {id(getattr(this_rank, name)): getattr(other_rank, name) for name in this_rank._reductions}
+        )
+
+    pair_states()
+    assert this_rank.compute() == pytest.approx(whole.compute(), nan_ok=True)
+    pair_states()
+    assert_same_per_class(this_rank.per_class(), whole.per_class())
+    pair_states()
+    report = this_rank.specialization_report()
+    for key, value in whole.specialization_report().items():
+        assert torch.allclose(report[key], value, equal_nan=True), key
+    # After each read-out the rank keeps accumulating its own share.
+    assert torch.equal(this_rank.confmat, local_confmat)
