@@ -19,8 +19,8 @@ train: $(INSTALLED)
 	$(PY) -m sfseg.train $(ARGS)
 
 lint: $(INSTALLED)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests notebooks
+	$(PY) -m ruff format --check src tests notebooks
 
 test: $(INSTALLED) lint
 	$(PY) -m pytest
