@@ -76,9 +76,9 @@ class SemanticHead(nn.Module):
 
 
 class FCNHead(nn.Sequential):
-    """The plain single-output baseline: Conv3x3-BN-ReLU (D -> channels) then Conv1x1 to C logits."""
+    """The plain single-output baseline, HRNet's segmentation head (the "HRNet48" row of Table 5):
+    Conv1x1-BN-ReLU (D -> channels, default D) then Conv1x1 to the C class logits."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: int = 512) -> None:
-        super().__init__(
-            conv_bn_relu(in_channels, channels, kernel_size=3), nn.Conv2d(channels, num_classes, 1)
-        )
+    def __init__(self, in_channels: int, num_classes: int, channels: int | None = None) -> None:
+        channels = channels or in_channels
+        super().__init__(conv_bn_relu(in_channels, channels), nn.Conv2d(channels, num_classes, 1))
