@@ -30,6 +30,7 @@ TINY = [
     "num_pyramid_images=2",
 ]
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads: 2 threads spin-wait on a busy 2-core CPU
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
 

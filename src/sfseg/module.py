@@ -3,6 +3,7 @@ relabelled targets (Sec. 3.2, Eq. 1) and evaluated through the fused output (Sec
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,6 +86,8 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
+        # PyramidMetrics' states (confusion matrices, unity hits, cells per level) of the last validation.
+        self.last_val_counts: dict[str, Tensor] = {}
 
     def forward(self, images: Tensor) -> PyramidOutput:
         return self.net(images)
@@ -94,32 +97,56 @@ class SpecializeAndFuseModule(L.LightningModule):
         targets = relabel(batch["targets"], out.unity, self.policy, self.tau)
         loss = pyramid_loss(out.semantic, out.unity, targets)
         batch_size = batch["image"].shape[0]
-        self.log("train/loss", loss.total, prog_bar=True, batch_size=batch_size)
         terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
         terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
+        self._check_finite({"train/loss": loss.total, **terms})
+        self.log("train/loss", loss.total, prog_bar=True, batch_size=batch_size)
         self.log_dict(terms, batch_size=batch_size)
         return loss.total
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _check_finite(self, terms: dict[str, Tensor]) -> None:
+        """Stop at the first NaN/inf loss, naming the step and Eq. 1's term; one check per step."""
+        values = torch.stack([term.detach().float() for term in terms.values()])
+        # Agreed over DDP ranks, so every rank stops at the same step instead of waiting for the others.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(values).all()), all=True)
+        if finite:
+            return
+        named = dict(zip(terms, values.tolist(), strict=True))
+        bad = [f"{name}={value}" for name, value in named.items() if not math.isfinite(value)]
+        everything = ", ".join(f"{name}={value:.4g}" for name, value in named.items())
+        raise FloatingPointError(
+            f"non-finite loss at step {self.global_step}: {', '.join(bad) or 'on another DDP rank'} "
+            f"({everything}); lower model.optimizer.lr or check the data"
+        )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Accumulates the split's metrics; returns the fused prediction at label size and the level
+        map for callbacks (sfseg.callbacks.WandbPyramidMedia draws them)."""
         out = self.net(batch["image"])
         label = batch["label"]
         targets = batch["targets"]
         loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau))
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
         fused, level_map = fuse(out.semantic, out.unity, self.tau)
+        fused_pred = self._to_label_size(fused, label)
         self.val_metrics.update(
-            fused_pred=self._to_label_size(fused, label),
+            fused_pred=fused_pred,
             level_preds=[self._to_label_size(logits, label) for logits in out.semantic],
             target=label,
             unity_logits=out.unity,
             unity_targets=targets.unity,
             level_map=level_map,
         )
+        return {"fused_pred": fused_pred, "level_map": level_map}
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_metrics.compute()
         self.last_val_scores = scores
         self.last_val_per_class = self.val_metrics.per_class()
+        with self.val_metrics.synced():  # the counts of the whole split, summed over DDP ranks
+            self.last_val_counts = {
+                name: state.detach().cpu().clone() for name, state in self.val_metrics.metric_state.items()
+            }
         self.log_dict({f"val/{name}": value for name, value in scores.items()})
         self.val_metrics.reset()
 
