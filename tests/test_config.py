@@ -126,3 +126,27 @@ def test_data_size_must_fit_the_coarsest_stride(run_dir: Path):
     datamodule = instantiate(cfg.data)
     with pytest.raises(ValueError, match="divisible by the coarsest stride 32"):
         datamodule.setup("fit")
+
+
+GROUPS = [
+    "data",
+    "logger",
+    "callbacks",
+    "trainer",
+    "experiment",
+    "model/backbone",
+    "model/context",
+    "model/relabel",
+]
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(group, option) for group in [*GROUPS, "hydra/launcher"] for option in options(group)],
+)
+def test_every_group_option_composes(group: str, option: str, run_dir: Path):
+    cfg = compose_config([f"{group}={option}"], run_dir)
+    assert cfg.hydra.runtime.choices[group] == option
+    if group in ("logger", "callbacks"):  # cheap to build here; the others are built by the tests above
+        for node in cfg[group].values():
+            assert instantiate(node) is not None
