@@ -108,6 +108,13 @@ def test_datamodule_reads_its_layout(name: str, tmp_path: Path):
     assert (val["label"][:, :WIDTH] != IGNORE_INDEX).any()
 
 
+def test_val_images_can_stay_unpadded_for_evaluation(tmp_path: Path):
+    # sfseg.eval rescales the original image for multi-scale testing and pads it itself.
+    module = datamodule("ade20k", build("ade20k", tmp_path), val_pad=False)
+    val = module.val_set[0]
+    assert val["image"].shape == (3, 64, WIDTH) and val["label"].shape == (64, WIDTH)
+
+
 def test_val_resize_gives_a_fixed_size(tmp_path: Path):
     module = datamodule("ade20k", build("ade20k", tmp_path), val_resize=[64, 64])
     assert module.val_set[0]["image"].shape == (3, 64, 64)

@@ -179,7 +179,8 @@ def instantiate_datamodule(cfg: DictConfig, model: SpecializeAndFuseModule) -> S
                     "unset: it is taken from the checkpoint"
                 )
             cfg.model[key] = value
-    datamodule: SegmentationDataModule = instantiate(cfg.data)
+    # Unpadded originals: evaluation rescales them (multi-scale test) and pads to the model's divisor.
+    datamodule: SegmentationDataModule = instantiate(cfg.data, val_pad=False)
     if datamodule.num_levels != model.levels:
         raise ValueError(
             f"data.num_levels={datamodule.num_levels} but the checkpoint has L={model.levels} levels; "

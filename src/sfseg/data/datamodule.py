@@ -32,8 +32,10 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
+        val_pad: bool = True,
     ) -> None:
         super().__init__()
+        self.val_pad = val_pad
         self.num_levels = num_levels
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -50,6 +52,12 @@ class SegmentationDataModule(L.LightningDataModule):
     @property
     def coarsest_stride(self) -> int:
         return level_strides(self.num_levels)[0]
+
+    @property
+    def val_pad_divisor(self) -> int | None:
+        """Validation images are padded to this multiple; None when the consumer pads them itself
+        (evaluation rescales the original image for multi-scale testing, then pads)."""
+        return self.coarsest_stride if self.val_pad else None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
@@ -112,7 +120,7 @@ class SyntheticDataModule(SegmentationDataModule):
         train_tf = (
             train_transform(crop_size=None, scale_range=None, seed=self.seed)
             if self.augment
-            else val_transform(self.coarsest_stride)
+            else val_transform(self.val_pad_divisor)
         )
         self.train_set = SyntheticScenes(
             "train", self.train_samples, self.size, seed=self.data_seed, transform=train_tf
@@ -122,5 +130,5 @@ class SyntheticDataModule(SegmentationDataModule):
             self.val_samples,
             self.size,
             seed=self.data_seed,
-            transform=val_transform(self.coarsest_stride),
+            transform=val_transform(self.val_pad_divisor),
         )

@@ -112,7 +112,7 @@ class FileDataModule(SegmentationDataModule):
             ignore_index=self.ignore_index,
             seed=self.seed,
         )
-        val_tf = val_transform(self.coarsest_stride, resize=self.val_resize, ignore_index=self.ignore_index)
+        val_tf = val_transform(self.val_pad_divisor, resize=self.val_resize, ignore_index=self.ignore_index)
         return {
             "train": SegmentationFiles(scans["train"].samples, lut, train_tf, allowed),
             "val": SegmentationFiles(scans["val"].samples, lut, val_tf, allowed),

@@ -59,27 +59,29 @@ def train_transform(
 
 
 def val_transform(
-    pad_divisor: int = 32, resize: int | Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX
+    pad_divisor: int | None = 32, resize: int | Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX
 ) -> A.Compose:
     """Normalise, optionally resize to a fixed size, and pad (image 0, label ignore) at the bottom and
-    right to a multiple of the coarsest stride, so predictions crop back to the original pixels."""
+    right to a multiple of the coarsest stride, so predictions crop back to the original pixels.
+    `pad_divisor=None` leaves the size as it is (evaluation pads after its own rescaling)."""
     steps: list[A.BasicTransform] = []
     if resize is not None:
         height, width = _pair(resize)
         steps.append(A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR))
-    steps += [
-        A.PadIfNeeded(
-            min_height=None,
-            min_width=None,
-            pad_height_divisor=pad_divisor,
-            pad_width_divisor=pad_divisor,
-            position="top_left",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=ignore_index,
-        ),
-        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ]
+    if pad_divisor is not None:
+        steps.append(
+            A.PadIfNeeded(
+                min_height=None,
+                min_width=None,
+                pad_height_divisor=pad_divisor,
+                pad_width_divisor=pad_divisor,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=ignore_index,
+            )
+        )
+    steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
     return A.Compose(steps, strict=True)
 
 
