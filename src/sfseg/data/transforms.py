@@ -40,14 +40,7 @@ def train_transform(
     if crop_size is not None:
         height, width = _pair(crop_size)
         steps += [
-            A.PadIfNeeded(
-                min_height=height,
-                min_width=width,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
-            ),
+            pad_bottom_right(ignore_index, min_height=height, min_width=width),
             A.RandomCrop(height=height, width=width),
         ]
     if hflip:
@@ -70,19 +63,23 @@ def val_transform(
         steps.append(A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR))
     if pad_divisor is not None:
         steps.append(
-            A.PadIfNeeded(
+            pad_bottom_right(
+                ignore_index,
                 min_height=None,
                 min_width=None,
                 pad_height_divisor=pad_divisor,
                 pad_width_divisor=pad_divisor,
-                position="top_left",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
             )
         )
     steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
     return A.Compose(steps, strict=True)
+
+
+def pad_bottom_right(ignore_index: int, **size: int | None) -> A.PadIfNeeded:
+    """Pad at the bottom and right (image 0, label ignore), so the original pixels keep their place."""
+    return A.PadIfNeeded(
+        **size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index
+    )
 
 
 def apply(transform: A.Compose | None, image: np.ndarray, label: np.ndarray) -> dict[str, torch.Tensor]:
