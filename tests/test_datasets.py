@@ -115,6 +115,17 @@ def test_val_images_can_stay_unpadded_for_evaluation(tmp_path: Path):
     assert val["image"].shape == (3, 64, WIDTH) and val["label"].shape == (64, WIDTH)
 
 
+def test_evaluation_needs_only_the_val_split_on_disk(tmp_path: Path):
+    root = build("ade20k", tmp_path)
+    shutil.rmtree(root / "images" / "training")
+    shutil.rmtree(root / "annotations" / "training")
+    module = real.ADE20KDataModule(root=str(root), crop_size=64)
+    module.setup("validate")
+    assert module.train_set is None and len(module.val_set) == 2
+    with pytest.raises(LayoutError, match="training"):
+        module.setup("fit")
+
+
 def test_val_resize_gives_a_fixed_size(tmp_path: Path):
     module = datamodule("ade20k", build("ade20k", tmp_path), val_resize=[64, 64])
     assert module.val_set[0]["image"].shape == (3, 64, 64)

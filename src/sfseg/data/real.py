@@ -80,13 +80,12 @@ class FileDataModule(SegmentationDataModule):
                 f"data.ignore_index must lie in {self.num_classes}..255 (labels are stored as uint8), got {self.ignore_index}"
             )
 
-    def scan(self) -> dict[str, Scan]:
-        """The train and val pairs, with the files that have no partner (nothing is decoded here)."""
+    def scan(self, parts: Sequence[str] = ("train", "val")) -> dict[str, Scan]:
+        """The pairs of `parts` ("train", "val"), with the files that have no partner (nothing is
+        decoded here). A subsample always reads its one source split and returns both parts."""
         if self.subsample is None:
-            return {
-                "train": self.layout.scan(self.root, self.train_split),
-                "val": self.layout.scan(self.root, self.val_split),
-            }
+            splits = {"train": self.train_split, "val": self.val_split}
+            return {part: self.layout.scan(self.root, splits[part]) for part in parts}
         source = self.layout.scan(self.root, self.subsample["source_split"])
         train, val = subsample_split(
             source.samples, self.subsample["train"], self.subsample["val"], self.subsample["seed"]
@@ -113,13 +112,15 @@ class FileDataModule(SegmentationDataModule):
             seed=self.seed,
         )
         val_tf = val_transform(self.val_pad_divisor, resize=self.val_resize, ignore_index=self.ignore_index)
+        transforms = {"train": train_tf, "val": val_tf}
         return {
-            "train": SegmentationFiles(scans["train"].samples, lut, train_tf, allowed),
-            "val": SegmentationFiles(scans["val"].samples, lut, val_tf, allowed),
+            part: SegmentationFiles(scan.samples, lut, transforms[part], allowed)
+            for part, scan in scans.items()
         }
 
     def setup(self, stage: str | None = None) -> None:
-        scans = self.scan()
+        # Evaluation reads the val split only, so it works with just that split on disk.
+        scans = self.scan(("val",) if stage in ("validate", "test") else ("train", "val"))
         problems = [problem for scan in scans.values() for problem in scan.problems]
         if problems:
             shown = "\n  ".join(problems[:20])
@@ -135,7 +136,7 @@ class FileDataModule(SegmentationDataModule):
                     f"{self.layout.expected(self.root)}"
                 )
         datasets = self.build_datasets(scans)
-        self.train_set, self.val_set = datasets["train"], datasets["val"]
+        self.train_set, self.val_set = datasets.get("train"), datasets["val"]
 
 
 def subsample_split(

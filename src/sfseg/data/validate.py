@@ -26,7 +26,7 @@ def find_problems(
     datamodule: FileDataModule, parts: list[str], workers: int
 ) -> tuple[list[str], dict[str, int]]:
     """Every problem of the given parts ("train", "val") and the number of pairs checked per part."""
-    scans = datamodule.scan()
+    scans = datamodule.scan(parts)
     datasets = datamodule.build_datasets(scans)
     problems: list[str] = []
     counts: dict[str, int] = {}
