@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sfseg.models.context import conv_bn_relu
+from sfseg.models.layers import conv_bn_relu
 from sfseg.pyramid import FINEST_STRIDE
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfseg.models.context import build_context, conv_bn_relu
+from sfseg.models.context import build_context
+from sfseg.models.layers import conv_bn_relu
 from sfseg.pyramid import repeat_cells
 
 
