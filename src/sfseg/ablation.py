@@ -13,7 +13,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from sfseg.report import write_report
+from sfseg.sweeps import write_report
 
 
 def main() -> None:
