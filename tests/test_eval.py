@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from sfseg.data.classes import SYNTHETIC_CLASSES
-from sfseg.eval import (
+from sfseg.eval import default_eval_folder, run
+from sfseg.inference import (
     InferenceSettings,
-    default_eval_folder,
     pad_images,
-    run,
     slide_logits,
     tta_probabilities,
     whole_logits,
     window_starts,
 )
+from sfseg.models import PyramidOutput
 from sfseg.visualize import denormalize
 from tests.conftest import TINY, compose_config
 
@@ -56,8 +56,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class PixelwiseNet(torch.nn.Module):
-    """predict() maps each pixel's colour to logits: any tiling, padding or flip must give the same
-    answer as one pass over the image. Records the input sizes it was asked for."""
+    """A one-level "pyramid" at the image resolution that maps each pixel's colour to logits: any
+    tiling, padding or flip must give the same answer as one pass over the image. Records the input
+    sizes it was asked for."""
 
     size_divisor = 32
 
@@ -66,10 +67,9 @@ class PixelwiseNet(torch.nn.Module):
         self.weight = torch.randn(num_classes, 3, generator=torch.Generator().manual_seed(0))
         self.sizes: list[tuple[int, int]] = []
 
-    def predict(self, images: torch.Tensor, tau: float, fuse_levels: bool = True):
+    def forward(self, images: torch.Tensor) -> PyramidOutput:
         self.sizes.append(tuple(images.shape[-2:]))
-        logits = torch.einsum("cd,bdhw->bchw", self.weight, images)
-        return logits, torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.long)
+        return PyramidOutput(semantic=[torch.einsum("cd,bdhw->bchw", self.weight, images)], unity=[])
 
 
 def direct_logits(net: PixelwiseNet, images: torch.Tensor) -> torch.Tensor:

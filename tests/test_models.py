@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from sfseg.inference import fused_logits, image_logits
 from sfseg.models import (
     BACKBONES,
     CONTEXT_MODULES,
@@ -150,7 +151,7 @@ def test_single_level_segmenter_is_the_standard_output() -> None:
 def test_predict_fuses_and_upsamples_to_the_image(segmenter: PyramidSegmenter) -> None:
     images = torch.randn(1, 3, 32, 64)
     segmenter.eval()
-    logits, level_map = segmenter.predict(images, tau=0.9)
+    logits, level_map = image_logits(segmenter, images, tau=0.9)
     assert logits.shape == (1, 7, 32, 64)
     assert level_map.shape == (1, 8, 16)
     out = segmenter(images)
@@ -158,7 +159,7 @@ def test_predict_fuses_and_upsamples_to_the_image(segmenter: PyramidSegmenter) -
     torch.testing.assert_close(logits, F.interpolate(fused, size=(32, 64), mode="bilinear"))
     assert torch.equal(level_map, expected_map)
 
-    finest, finest_map = segmenter.predict(images, fuse_levels=False)
+    finest, finest_map = image_logits(segmenter, images, tau=0.9, fuse_levels=False)
     torch.testing.assert_close(finest, F.interpolate(out.semantic[-1], size=(32, 64), mode="bilinear"))
     assert (finest_map == 3).all()
 
@@ -189,7 +190,7 @@ def test_bfloat16_autocast_forward_is_finite(segmenter: PyramidSegmenter) -> Non
     images = torch.randn(1, 3, 32, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = segmenter.eval()(images)
-        logits, _ = out.prediction(images.shape[-2:])
+        logits, _ = fused_logits(out, images.shape[-2:])
     assert all(torch.isfinite(t).all() for t in [*out.semantic, *out.unity, logits])
 
 

@@ -12,8 +12,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sfseg.data.classes import ADE20K_CLASSES, ADE20K_PALETTE, SYNTHETIC_PALETTE
-from sfseg.predict import NotAnImageError, palette_for, run
+from sfseg.data.classes import ADE20K_CLASSES, ADE20K_PALETTE, SYNTHETIC_PALETTE, palette_for
+from sfseg.data.datasets import NotAnImageError
+from sfseg.predict import run
 from tests.test_eval import train_tiny_checkpoint
 
 OUTPUT_KINDS = ("mask", "overlay", "levels")

@@ -6,7 +6,7 @@ Writes <out>/results.json and <out>/results.md with, measured side by side in on
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
   (b) fuse against an argmax over the finest logits (what a single-output model does instead);
   (c) inference latency and forward memory of backbone + FCNHead against backbone + the
-      Specialize-and-Fuse heads with context none / anl / c2f (PyramidSegmenter.predict).
+      Specialize-and-Fuse heads with context none / anl / c2f (sfseg.inference.image_logits).
 Times are medians over repeats after warm-up, with the variants interleaved (the order rotates
 every round) so that drift of the machine hits every variant alike.
 """
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sfseg.inference import image_logits
 from sfseg.models import FCNHead, PyramidSegmenter, create_backbone
 from sfseg.pyramid import IGNORE_INDEX, build_targets, fuse, level_strides, relabel
 
@@ -196,7 +197,7 @@ def build_variant(name: str, cfg: BenchConfig) -> tuple[nn.Module, Callable[[Ten
         return model, model
     context = name.removeprefix("sf_")
     segmenter = PyramidSegmenter(cfg.backbone, cfg.num_classes, cfg.num_levels, context=context)
-    return segmenter, lambda images: segmenter.predict(images, TAU)
+    return segmenter, lambda images: image_logits(segmenter, images, TAU)
 
 
 def _images(cfg: BenchConfig, device: torch.device) -> Tensor:
@@ -304,7 +305,7 @@ def bench_models(cfg: BenchConfig, device: torch.device, quick: bool) -> dict[st
         "batch": 1,
         "num_classes": cfg.num_classes,
         "num_levels": cfg.num_levels,
-        "call": "FCN: head + bilinear upsampling; S&F: PyramidSegmenter.predict (heads, fuse, upsampling)",
+        "call": "FCN: head + bilinear upsampling; S&F: sfseg.inference.image_logits (heads, fuse, upsampling)",
         "memory_method": method,
         "variants": variants,
     }

@@ -9,19 +9,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor
 
+from sfseg.inference import fused_logits, level_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
-from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, fuse, pyramid_loss, relabel, unity_logit_threshold
-
-
-def plain(value: Any) -> Any:
-    """A DictConfig/ListConfig as the plain dict/list it stands for; anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
+from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, pyramid_loss, relabel, unity_logit_threshold
+from sfseg.runs import plain
 
 DEFAULT_OPTIMIZER = {
     "lr": 0.01,
@@ -73,16 +67,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.net = PyramidSegmenter(
-            backbone=backbone["name"],
-            num_classes=num_classes,
-            num_levels=levels,
-            context=context["name"],
-            unity_channels=unity_channels,
-            semantic_channels=semantic_channels,
-            pretrained=bool(backbone.get("pretrained", False)),
-            weights=backbone.get("weights"),
-        )
+        self.net = PyramidSegmenter.from_hparams(self.hparams)
         self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
@@ -127,11 +112,11 @@ class SpecializeAndFuseModule(L.LightningModule):
         targets = batch["targets"]
         loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau))
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
-        fused, level_map = fuse(out.semantic, out.unity, self.tau)
-        fused_pred = self._to_label_size(fused, label)
+        fused, level_map = fused_logits(out, label.shape[-2:], self.tau)
+        fused_pred = fused.argmax(1)
         self.val_metrics.update(
             fused_pred=fused_pred,
-            level_preds=[self._to_label_size(logits, label) for logits in out.semantic],
+            level_preds=level_predictions(out, label.shape[-2:]),
             target=label,
             unity_logits=out.unity,
             unity_targets=targets.unity,
@@ -149,13 +134,6 @@ class SpecializeAndFuseModule(L.LightningModule):
             }
         self.log_dict({f"val/{name}": value for name, value in scores.items()})
         self.val_metrics.reset()
-
-    @staticmethod
-    def _to_label_size(logits: Tensor, label: Tensor) -> Tensor:
-        """Bilinear upsampling of logits to the label size, then argmax (as at test time)."""
-        return F.interpolate(
-            logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False
-        ).argmax(1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config

@@ -1,9 +1,12 @@
-"""Pictures of the two pyramids: image, ground truth, unity pyramid, semantic pyramid, level map, fused."""
+"""Every picture sfseg draws: the two pyramids with the level map and the fused output, Table 9 as a
+heatmap, Fig. 3's per-class bars, and the colour maps of masks and level maps."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,13 +14,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from sfseg.pyramid import IGNORE_INDEX
+from sfseg.pyramid import IGNORE_INDEX, level_strides, repeat_cells, unity_logit_threshold
 
-# Level-map colours, coarse to fine (level 1 = dark blue ... level L = yellow), as in Fig. 1.
+# Level colours, coarse to fine (level 1 = dark blue ... level L = yellow), as in Fig. 1.
 LEVEL_CMAP = "viridis"
+# Unity panels: a cell a coarser level already decided (the fuse never looks at this level there).
+DECIDED_ABOVE_RGB = (235, 235, 235)
+# Unity panels: an undecided cell (unity < tau) is grey, from black (p = 0) to this grey (p = tau).
+UNDECIDED_MAX_GREY = 150
 
 
 def denormalize(images: Tensor) -> np.ndarray:
@@ -39,6 +48,59 @@ def colorize(
     return table[np.clip(label, 0, 255)]
 
 
+def level_palette(num_levels: int) -> list[tuple[int, int, int]]:
+    """One RGB colour per level, coarse to fine, from LEVEL_CMAP."""
+    cmap = matplotlib.colormaps[LEVEL_CMAP]
+    return [
+        tuple(round(255 * c) for c in cmap(level / max(num_levels - 1, 1))[:3]) for level in range(num_levels)
+    ]
+
+
+def level_colours(levels: np.ndarray, num_levels: int) -> np.ndarray:
+    """A level map [H, W] (0 = coarsest) as RGB uint8 in the level colours of every picture."""
+    return colorize(levels, level_palette(num_levels))
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
+    """A coloured mask blended over an RGB image with opacity `alpha`."""
+    return ((1 - alpha) * rgb + alpha * mask).round().astype(np.uint8)
+
+
+def level_legend(num_levels: int) -> list[Patch]:
+    """Legend entries of the level colours: "level l (s=stride)"."""
+    colours = level_palette(num_levels)
+    return [
+        Patch(color=np.asarray(colour) / 255, label=f"level {level} (s={stride})")
+        for level, (colour, stride) in enumerate(
+            zip(colours, level_strides(num_levels), strict=True), start=1
+        )
+    ]
+
+
+def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarray]:
+    """Per unity level, RGB [B, h_l, w_l, 3] of the fuse's decision at tau (Eq. 2): the level's colour
+    where this level is the coarsest with unity >= tau, light grey where a coarser level already
+    decided, and a grey ramp (black = unity 0, mid grey = just below tau) where the cell stays mixed."""
+    threshold = unity_logit_threshold(tau)
+    colours = level_palette(len(unity_logits) + 1)
+    pictures = []
+    above: Tensor | None = None  # decided by a coarser level, at the previous level's resolution
+    for level, logits in enumerate(unity_logits):
+        logits = logits.detach().float().cpu()
+        if above is not None:
+            above = repeat_cells(above, logits.shape[-1] // above.shape[-1])
+        else:
+            above = torch.zeros_like(logits, dtype=torch.bool)
+        here = (logits >= threshold) & ~above
+        grey = (torch.sigmoid(logits) / tau).clamp(max=1) * UNDECIDED_MAX_GREY
+        rgb = grey.round().to(torch.uint8).unsqueeze(-1).repeat(1, 1, 1, 3)
+        rgb[here] = torch.tensor(colours[level], dtype=torch.uint8)
+        rgb[above] = torch.tensor(DECIDED_ABOVE_RGB, dtype=torch.uint8)
+        pictures.append(rgb.numpy())
+        above = above | here
+    return pictures
+
+
 def pyramid_figure(
     images: Tensor,
     labels: Tensor,
@@ -47,29 +109,30 @@ def pyramid_figure(
     level_map: Tensor,
     fused_pred: Tensor,
     palette: Sequence[Sequence[int]],
+    tau: float = 0.9,
     ignore_index: int = IGNORE_INDEX,
 ) -> plt.Figure:
-    """One row per image: image, ground truth, U^(1..L-1), Y^(1..L), level map, fused prediction."""
+    """One row per image: image, ground truth, U^(1..L-1) as the fuse's decision at tau, Y^(1..L),
+    level map, fused prediction; a legend of the level colours and of the unity panels below."""
     levels = len(semantic_logits)
     titles = ["image", "ground truth"]
-    titles += [f"unity U{level}" for level in range(1, levels)]
+    titles += [f"unity U{level} at τ={tau:g}" for level in range(1, levels)]
     titles += [f"semantic Y{level}" for level in range(1, levels + 1)]
-    titles += [f"level map (1 dark…{levels} yellow)", "fused"]
+    titles += ["level map", "fused"]
     rows, cols = images.shape[0], len(titles)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.7), squeeze=False)
     rgb = denormalize(images)
+    decisions = unity_decisions(unity_logits, tau)
+    level_cmap = ListedColormap(np.asarray(level_palette(levels)) / 255)
     for row in range(rows):
         panels: list[tuple[np.ndarray, dict]] = [
             (rgb[row], {}),
             (colorize(labels[row], palette, ignore_index), {}),
         ]
-        panels += [
-            (torch.sigmoid(u[row].float()).cpu().numpy(), {"cmap": "gray", "vmin": 0, "vmax": 1})
-            for u in unity_logits
-        ]
+        panels += [(decision[row], {}) for decision in decisions]
         panels += [(colorize(y[row].argmax(0), palette), {}) for y in semantic_logits]
         panels.append(
-            (level_map[row].cpu().numpy(), {"cmap": LEVEL_CMAP, "vmin": 0, "vmax": max(levels - 1, 1)})
+            (level_map[row].cpu().numpy(), {"cmap": level_cmap, "vmin": -0.5, "vmax": levels - 0.5})
         )
         panels.append((colorize(fused_pred[row], palette), {}))
         for col, (picture, style) in enumerate(panels):
@@ -79,6 +142,75 @@ def pyramid_figure(
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(titles[col], fontsize=8)
+    handles = level_legend(levels)
+    if levels > 1:
+        handles += [
+            Patch(color=np.asarray(DECIDED_ABOVE_RGB) / 255, label="unity: decided by a coarser level"),
+            Patch(color=np.full(3, UNDECIDED_MAX_GREY / 255), label="unity: mixed (< τ), black = 0"),
+        ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.7 / (1.7 * rows + 0.7), 1, 1))
+    return fig
+
+
+def percent(value: float | None) -> float:
+    """A fraction as percent; NaN for a missing score (null in the JSON files)."""
+    return math.nan if value is None else 100 * value
+
+
+def table9_figure(specialization: Mapping[str, Any]) -> plt.Figure:
+    """Table 9 as a heatmap: rows l' (whose prediction is scored), columns l (the level the fused map
+    took the pixels from), mIoU in percent; the diagonal is outlined."""
+    matrix = np.array([[percent(value) for value in row] for row in specialization["table9"]["miou"]])
+    levels = len(matrix)
+    ticks = [f"{level}\n(s={stride})" for level, stride in enumerate(specialization["strides"], start=1)]
+    fig, ax = plt.subplots(figsize=(1.3 * levels + 2.4, 1.1 * levels + 1.6))
+    top = max(np.nanmax(matrix, initial=0), 1)
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=top)
+    for row in range(levels):
+        for col in range(levels):
+            value = matrix[row, col]
+            missing = math.isnan(value)
+            # Dark text on the bright end of viridis and on the blank cells of an empty group.
+            colour = "black" if missing or value > 0.6 * top else "white"
+            text = "-" if missing else f"{value:.1f}"
+            ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=9)
+        ax.add_patch(Rectangle((row - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(levels), ticks, fontsize=8)
+    ax.set_yticks(range(levels), ticks, fontsize=8)
+    ax.set_xlabel("l: level the fused map took the pixels from")
+    ax.set_ylabel("l': level whose prediction is scored")
+    ax.set_title("Table 9: mIoU (%) of each level on each group", fontsize=10)
+    fig.colorbar(image, ax=ax, label="mIoU (%)")
+    fig.tight_layout()
+    return fig
+
+
+def fig3_figure(specialization: Mapping[str, Any]) -> plt.Figure:
+    """Fig. 3: per class (present in the ground truth), IoU of each level minus the fused IoU, in
+    percentage points; one row of bars per level, green where the level beats the fused output."""
+    differences = specialization["fig3"]["iou_minus_fused"]
+    classes = [
+        name
+        for name in specialization["fig3"]["fused_iou"]
+        if any(row[name] is not None and not math.isnan(row[name]) for row in differences.values())
+    ]
+    levels = len(differences)
+    fig, axes = plt.subplots(
+        levels,
+        1,
+        figsize=(max(6.0, 0.3 * len(classes) + 1.5), 1.5 * levels + 1.4),
+        sharex=True,
+        squeeze=False,
+    )
+    for ax, (level_name, row) in zip(axes[:, 0], differences.items(), strict=True):
+        values = np.array([percent(row[name]) for name in classes])
+        ax.bar(range(len(classes)), values, color=np.where(values > 0, "tab:green", "tab:red"))
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel(f"{level_name}\n- fused", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    axes[0, 0].set_title("Fig. 3: IoU of each level minus the fused IoU (percentage points)", fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -254,13 +254,26 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def read_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB (grayscale and CMYK files are converted); a file that does not decode raises."""
+class NotAnImageError(ValueError):
+    """A file that PIL cannot decode as an image."""
+
+
+def decode_rgb(path: Path) -> tuple[np.ndarray, str]:
+    """HxWx3 uint8 RGB (grey, palette, RGBA and CMYK files converted) and the file's own PIL mode.
+    Raises NotAnImageError naming the file when PIL cannot decode it."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image.convert("RGB")), image.mode
     except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "corrupt or not an image"
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise NotAnImageError(f"not an image: {path} ({error})") from error
+
+
+def read_image(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB of a dataset image; a file that does not decode raises, naming it."""
+    try:
+        return decode_rgb(path)[0]
+    except NotAnImageError as error:
+        raise ValueError(f"cannot read image {path}: {error.__cause__}") from error
 
 
 def read_label(path: Path) -> np.ndarray:

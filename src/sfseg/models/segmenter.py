@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfseg.models.backbones import create_backbone
 from sfseg.models.heads import SemanticHead, UnityHead
-from sfseg.pyramid import fuse, level_strides
+from sfseg.pyramid import level_strides
 
 
 @dataclass
@@ -22,26 +22,6 @@ class PyramidOutput:
 
     semantic: list[Tensor]
     unity: list[Tensor]
-
-    def prediction(
-        self, size: tuple[int, int], tau: float = 0.9, fuse_levels: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        """Fused logits upsampled bilinearly to `size` [B, C, *size], and the level map [B, h_L, w_L].
-
-        fuse_levels=False takes the finest level only (Table 8's "auxiliary supervision"); its level
-        map is then L-1 everywhere.
-        """
-        if fuse_levels:
-            logits, level_map = fuse(self.semantic, self.unity, tau)
-        else:
-            logits = self.semantic[-1]
-            level_map = torch.full(
-                logits.shape[:1] + logits.shape[2:],
-                len(self.semantic) - 1,
-                dtype=torch.long,
-                device=logits.device,
-            )
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False), level_map
 
 
 class PyramidSegmenter(nn.Module):
@@ -71,6 +51,25 @@ class PyramidSegmenter(nn.Module):
         self.unity_head = UnityHead(channels, num_levels, unity_channels) if num_levels > 1 else None
         self.semantic_head = SemanticHead(channels, num_classes, num_levels, semantic_channels, context)
 
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], load_backbone_weights: bool = True) -> PyramidSegmenter:
+        """Build from the `model` config's values (SpecializeAndFuseModule's hyperparameters).
+
+        load_backbone_weights=False skips the backbone's pretrained or local weights: a checkpoint's
+        state dict replaces them anyway, and they may need a network or a file that is not there.
+        """
+        backbone = hparams["backbone"]
+        return cls(
+            backbone=backbone["name"],
+            num_classes=hparams["num_classes"],
+            num_levels=hparams["levels"],
+            context=hparams["context"]["name"],
+            unity_channels=hparams.get("unity_channels", 64),
+            semantic_channels=hparams.get("semantic_channels", 512),
+            pretrained=load_backbone_weights and bool(backbone.get("pretrained", False)),
+            weights=backbone.get("weights") if load_backbone_weights else None,
+        )
+
     def forward(self, images: Tensor) -> PyramidOutput:
         height, width = images.shape[-2:]
         if height % self.size_divisor or width % self.size_divisor:
@@ -82,8 +81,3 @@ class PyramidSegmenter(nn.Module):
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
         return PyramidOutput(semantic=self.semantic_head(features), unity=unity)
-
-    def predict(self, images: Tensor, tau: float = 0.9, fuse_levels: bool = True) -> tuple[Tensor, Tensor]:
-        """Fused logits [B, C, H, W] (Eq. 2, then bilinear to the image size) and the level map
-        [B, h_L, w_L] (0 = coarsest). Gradient mode and train/eval mode are the caller's."""
-        return self(images).prediction(images.shape[-2:], tau, fuse_levels)
