@@ -43,6 +43,7 @@ def predict_config(checkpoint: Path, input_path: Path, output: Path):
             "input": str(input_path),
             "output": str(output),
             "fuse": True,
+            "sparse_inference": True,
             "alpha": 0.5,
             "device": "cpu",
             "autocast": None,

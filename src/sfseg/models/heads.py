@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfseg.models.context import build_context
+from sfseg.models.context import DeferredLevel, build_context, deferred_levels
 from sfseg.models.layers import conv_bn_relu
 from sfseg.pyramid import repeat_cells
 
@@ -58,6 +59,48 @@ class UnityHead(nn.Module):
         return [-F.max_pool2d(-z, 2 ** (self.num_levels - 1 - level)) for level, z in enumerate(logits)]
 
 
+class CellGather:
+    """The cells a boolean mask [B, h, w] picks, gathered from [B, D, h, w] maps into a [B, D, M, 1]
+    map (M: the most cells one image has; the other images' rows are padded with zeros, so per-image
+    work such as attention stays one batched call) and scattered back. Index tensors only, no loops."""
+
+    def __init__(self, mask: Tensor) -> None:
+        batch, height, width = mask.shape
+        self.size = (height, width)
+        flat = mask.flatten(1)
+        counts = flat.sum(1)
+        self.image, self.position = flat.nonzero(as_tuple=True)  # by image, then row-major
+        self.width = int(counts.max()) if batch else 0
+        # Every image with M cells (always for B=1): the gathered rows are the batch as they come.
+        self.padded = self.position.numel() != batch * self.width
+        if self.padded:
+            first = counts.cumsum(0) - counts
+            self.slot = torch.arange(self.position.numel(), device=mask.device) - first[self.image]
+
+    def __len__(self) -> int:
+        return self.position.numel()
+
+    def gather(self, maps: Tensor) -> Tensor:
+        """[B, D, h, w] -> [B, D, M, 1]."""
+        batch, channels = maps.shape[:2]
+        # Channels first: each channel reads its cells from one contiguous plane.
+        picked = maps.flatten(2).transpose(0, 1)[:, self.image, self.position]  # [D, N]
+        if self.padded:
+            grouped = picked.new_zeros(channels, batch, self.width)
+            grouped[:, self.image, self.slot] = picked
+            picked = grouped
+        return picked.view(channels, batch, self.width, 1).transpose(0, 1)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[B, C, M, 1] -> [B, C, h, w], zero outside the cells."""
+        batch, channels = values.shape[:2]
+        rows = values.flatten(2).transpose(0, 1)  # [C, B, M]
+        rows = rows[:, self.image, self.slot] if self.padded else rows.reshape(channels, -1)
+        out = values.new_zeros(channels, batch, self.size[0] * self.size[1])
+        out[:, self.image, self.position] = rows
+        return out.transpose(0, 1).unflatten(2, self.size)
+
+
 class SemanticHead(nn.Module):
     """Sec. 4.2: X -> Conv1x1-BN-ReLU (D -> D_s) = X^(L) -> context module -> X'^(1..L) -> one
     ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine."""
@@ -74,6 +117,25 @@ class SemanticHead(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         levels = self.context(self.project(x), self.num_levels)
         return [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+
+    def sparse_forward(self, projected: Tensor, kept: list[Tensor]) -> list[Tensor]:
+        """Inference: Y^(l) [B, C, h_l, w_l] computed at the `kept` cells of each level only ([B, h_l, w_l]
+        masks, coarse to fine), zero elsewhere. `projected` is X^(L) = self.project(X). Each
+        ConvBlock, and each per-cell step the context module defers, runs on the kept cells alone."""
+        levels = deferred_levels(self.context, projected, self.num_levels)
+        logits = []
+        for classify, mask in zip(self.classifiers, kept, strict=True):
+            level = levels.pop(0)  # dropped once used: no full-resolution map outlives its level
+            features = level.features if isinstance(level, DeferredLevel) else level
+            cells = CellGather(mask)
+            if not len(cells):  # the fuse reads nothing of this level
+                logits.append(features.new_zeros(mask.shape[0], classify[-1].out_channels, *mask.shape[1:]))
+                continue
+            features = cells.gather(features)
+            if isinstance(level, DeferredLevel):
+                features = level.step(features)
+            logits.append(cells.scatter(classify(features)))
+        return logits
 
 
 class FCNHead(nn.Sequential):
