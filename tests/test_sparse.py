@@ -7,17 +7,23 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
+from sfseg.eval import run as eval_run
 from sfseg.inference import image_logits, whole_logits
 from sfseg.inference.sparse import even_level_shares, forced_unity, unity_logits_for_shares
 from sfseg.models import CONTEXT_MODULES, PyramidSegmenter, SemanticHead, UnityHead
 from sfseg.models.context import ContextAggregation, ContextUpdate, PyramidPool
 from sfseg.models.heads import CellGather
+from sfseg.predict import run as predict_run
 from sfseg.pyramid import fuse, kept_cells, repeat_cells, unity_logit_threshold
+from tests.conftest import compose_config
+from tests.test_eval import TINY_DATA, train_tiny_checkpoint
 
 SMALL = "hrnet_w18_small"
 TAU = 0.9
@@ -168,11 +174,12 @@ def test_cell_gather_pads_images_and_scatters_back() -> None:
     cells = CellGather(mask)
     gathered = cells.gather(maps)
     assert len(cells) == 4 and gathered.shape == (3, 7, 3, 1)
-    torch.testing.assert_close(gathered[0, :, :, 0], maps[0][:, mask[0]])
-    assert torch.all(gathered[1] == 0) and torch.all(gathered[2, :, 1:] == 0)
-    torch.testing.assert_close(gathered[2, :, 0, 0], maps[2, :, 2, 1])
-    scattered = cells.scatter(gathered)
-    torch.testing.assert_close(scattered, torch.where(mask.unsqueeze(1), maps, 0.0))
+    for image in range(3):  # each image's cells in row-major order, then padding
+        count = int(mask[image].sum())
+        torch.testing.assert_close(gathered[image, :, :count, 0], maps[image][:, mask[image]])
+    # What the padding computes is dropped: scattering back gives the cells and zero elsewhere.
+    torch.testing.assert_close(cells.scatter(gathered), torch.where(mask.unsqueeze(1), maps, 0.0))
+    torch.testing.assert_close(cells.scatter(gathered + 1), torch.where(mask.unsqueeze(1), maps + 1, 0.0))
 
 
 def test_forced_shares_are_exact_on_the_finest_level() -> None:
@@ -250,3 +257,59 @@ def test_state_dict_of_the_base_commit_loads(context: str) -> None:
         assert torch.equal(value, saved[name]), name
     features = torch.randn(1, 12, 16, 16)
     assert [tuple(y.shape) for y in heads.eval()["semantic_head"](features)][-1] == (1, 5, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The switches reach the passes: count what runs through the real entry points
+
+
+class ForwardCounter:
+    """Counts forward calls of the full dense pyramid (PyramidSegmenter.forward) and of the unity head
+    (which both paths run), over every module, while active."""
+
+    def __init__(self) -> None:
+        self.dense = self.unity = 0
+
+    def __enter__(self) -> ForwardCounter:
+        def hook(module, args, output) -> None:
+            self.dense += isinstance(module, PyramidSegmenter)
+            self.unity += isinstance(module, UnityHead)
+
+        self.handle = torch.nn.modules.module.register_module_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_checkpoint(tmp_path_factory.getbasetemp()) / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse", [True, False])
+def test_eval_sparse_inference_switch_reaches_the_passes(checkpoint: Path, tmp_path: Path, sparse: bool):
+    overrides = [f"ckpt_path={checkpoint}", *TINY_DATA, "eval.device=cpu", "eval.scales=[1.0,0.5]"]
+    overrides += [] if sparse else ["eval.sparse_inference=false"]
+    cfg = compose_config(overrides, tmp_path, config_name="eval")
+    with ForwardCounter() as counter:
+        metrics = eval_run(cfg)
+    assert metrics["inference"]["sparse"] is sparse
+    # Per batch: the dense single-scale pass of the analysis, then one pass per scale.
+    batches = counter.unity // 3
+    assert counter.unity == 3 * batches > 0
+    assert counter.dense == (batches if sparse else 3 * batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse", [True, False])
+def test_predict_sparse_inference_switch_reaches_the_passes(checkpoint: Path, tmp_path: Path, sparse: bool):
+    Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    overrides = [f"ckpt_path={checkpoint}", f"input={tmp_path / 'image.png'}", f"output={tmp_path / 'out'}"]
+    overrides += ["device=cpu", f"sparse_inference={str(sparse).lower()}"]
+    cfg = compose_config(overrides, tmp_path, config_name="predict")
+    with ForwardCounter() as counter:
+        assert predict_run(cfg) == 0
+    assert counter.unity == 1 and counter.dense == (0 if sparse else 1)
+    assert (tmp_path / "out" / "image_levels.png").is_file()

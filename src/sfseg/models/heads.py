@@ -61,44 +61,39 @@ class UnityHead(nn.Module):
 
 class CellGather:
     """The cells a boolean mask [B, h, w] picks, gathered from [B, D, h, w] maps into a [B, D, M, 1]
-    map (M: the most cells one image has; the other images' rows are padded with zeros, so per-image
-    work such as attention stays one batched call) and scattered back. Index tensors only, no loops."""
+    map (M: the most cells one image has; the other images' rows are padded, so per-image work such as
+    attention stays one batched call) and scattered back. Index tensors only, no loops."""
 
     def __init__(self, mask: Tensor) -> None:
         batch, height, width = mask.shape
         self.size = (height, width)
         flat = mask.flatten(1)
         counts = flat.sum(1)
-        self.image, self.position = flat.nonzero(as_tuple=True)  # by image, then row-major
-        self.width = int(counts.max()) if batch else 0
-        # Every image with M cells (always for B=1): the gathered rows are the batch as they come.
-        self.padded = self.position.numel() != batch * self.width
-        if self.padded:
-            first = counts.cumsum(0) - counts
-            self.slot = torch.arange(self.position.numel(), device=mask.device) - first[self.image]
+        image, position = flat.nonzero(as_tuple=True)  # by image, then row-major
+        self.count = position.numel()
+        slot = torch.arange(self.count, device=mask.device) - (counts.cumsum(0) - counts)[image]
+        # Each image's cell positions, padded with h*w: one past the last cell, a slot to scatter into
+        # and drop. Gathering reads a real cell there instead; its result is dropped alike.
+        self.positions = torch.full(
+            (batch, int(counts.max()) if batch else 0), height * width, device=mask.device
+        )
+        self.positions[image, slot] = position
 
     def __len__(self) -> int:
-        return self.position.numel()
+        return self.count
 
     def gather(self, maps: Tensor) -> Tensor:
         """[B, D, h, w] -> [B, D, M, 1]."""
-        batch, channels = maps.shape[:2]
-        # Channels first: each channel reads its cells from one contiguous plane.
-        picked = maps.flatten(2).transpose(0, 1)[:, self.image, self.position]  # [D, N]
-        if self.padded:
-            grouped = picked.new_zeros(channels, batch, self.width)
-            grouped[:, self.image, self.slot] = picked
-            picked = grouped
-        return picked.view(channels, batch, self.width, 1).transpose(0, 1)
+        index = self.positions.clamp(max=self.size[0] * self.size[1] - 1)
+        return maps.flatten(2).gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).unsqueeze(-1)
 
     def scatter(self, values: Tensor) -> Tensor:
         """[B, C, M, 1] -> [B, C, h, w], zero outside the cells."""
         batch, channels = values.shape[:2]
-        rows = values.flatten(2).transpose(0, 1)  # [C, B, M]
-        rows = rows[:, self.image, self.slot] if self.padded else rows.reshape(channels, -1)
-        out = values.new_zeros(channels, batch, self.size[0] * self.size[1])
-        out[:, self.image, self.position] = rows
-        return out.transpose(0, 1).unflatten(2, self.size)
+        cells = self.size[0] * self.size[1]
+        out = values.new_zeros(batch, channels, cells + 1)
+        out.scatter_(2, self.positions.unsqueeze(1).expand(-1, channels, -1), values.flatten(2))
+        return out[..., :cells].unflatten(2, self.size)
 
 
 class SemanticHead(nn.Module):
