@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sfseg.inference import fused_logits, level_predictions
+from sfseg.inference import Predictor, fused_logits, level_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
 from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, pyramid_loss, relabel, unity_logit_threshold
@@ -76,6 +76,17 @@ class SpecializeAndFuseModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> PyramidOutput:
         return self.net(images)
+
+    def predictor(self, palette: Sequence[tuple[int, int, int]] = ()) -> Predictor:
+        """The trained network as a `sfseg.inference.Predictor` (puts it in eval mode)."""
+        return Predictor(
+            net=self.net,
+            class_names=self.class_names,
+            tau=self.tau,
+            device=self.device,
+            ignore_index=self.ignore_index,
+            palette=list(palette),
+        )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.net(batch["image"])

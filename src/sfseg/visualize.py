@@ -23,10 +23,11 @@ from sfseg.pyramid import IGNORE_INDEX, level_strides, repeat_cells, unity_logit
 
 # Level colours, coarse to fine (level 1 = dark blue ... level L = yellow), as in Fig. 1.
 LEVEL_CMAP = "viridis"
-# Unity panels: a cell a coarser level already decided (the fuse never looks at this level there).
-DECIDED_ABOVE_RGB = (235, 235, 235)
-# Unity panels: an undecided cell (unity < tau) is grey, from black (p = 0) to this grey (p = tau).
-UNDECIDED_MAX_GREY = 150
+# Unity panels: a cell a coarser level already decided is blank (the fuse never reads this level there).
+DECIDED_ABOVE_RGB = (255, 255, 255)
+# Unity panels: an undecided cell (unity p < tau) is grey, from dark (p = 0) to light (p just below tau);
+# never black, so that the darkest level colour stays apart from it.
+UNDECIDED_GREYS = (90, 200)
 
 
 def denormalize(images: Tensor) -> np.ndarray:
@@ -79,8 +80,8 @@ def level_legend(num_levels: int) -> list[Patch]:
 
 def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarray]:
     """Per unity level, RGB [B, h_l, w_l, 3] of the fuse's decision at tau (Eq. 2): the level's colour
-    where this level is the coarsest with unity >= tau, light grey where a coarser level already
-    decided, and a grey ramp (black = unity 0, mid grey = just below tau) where the cell stays mixed."""
+    where this level is the coarsest with unity >= tau, white where a coarser level already decided,
+    and a grey ramp (dark = unity 0, light = just below tau) where the cell stays mixed."""
     threshold = unity_logit_threshold(tau)
     colours = level_palette(len(unity_logits) + 1)
     pictures = []
@@ -92,7 +93,8 @@ def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarr
         else:
             above = torch.zeros_like(logits, dtype=torch.bool)
         here = (logits >= threshold) & ~above
-        grey = (torch.sigmoid(logits) / tau).clamp(max=1) * UNDECIDED_MAX_GREY
+        darkest, lightest = UNDECIDED_GREYS
+        grey = darkest + (torch.sigmoid(logits) / tau).clamp(max=1) * (lightest - darkest)
         rgb = grey.round().to(torch.uint8).unsqueeze(-1).repeat(1, 1, 1, 3)
         rgb[here] = torch.tensor(colours[level], dtype=torch.uint8)
         rgb[above] = torch.tensor(DECIDED_ABOVE_RGB, dtype=torch.uint8)
@@ -120,7 +122,7 @@ def pyramid_figure(
     titles += [f"semantic Y{level}" for level in range(1, levels + 1)]
     titles += ["level map", "fused"]
     rows, cols = images.shape[0], len(titles)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
     rgb = denormalize(images)
     decisions = unity_decisions(unity_logits, tau)
     level_cmap = ListedColormap(np.asarray(level_palette(levels)) / 255)
@@ -145,11 +147,16 @@ def pyramid_figure(
     handles = level_legend(levels)
     if levels > 1:
         handles += [
-            Patch(color=np.asarray(DECIDED_ABOVE_RGB) / 255, label="unity: decided by a coarser level"),
-            Patch(color=np.full(3, UNDECIDED_MAX_GREY / 255), label="unity: mixed (< τ), black = 0"),
+            Patch(
+                facecolor=np.asarray(DECIDED_ABOVE_RGB) / 255,
+                edgecolor="black",
+                label="unity: decided by a coarser level",
+            ),
+            Patch(color=np.full(3, UNDECIDED_GREYS[0] / 255), label="unity: mixed (< τ), p = 0"),
+            Patch(color=np.full(3, UNDECIDED_GREYS[1] / 255), label="unity: mixed, p just below τ"),
         ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.7 / (1.7 * rows + 0.7), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (1.7 * rows + 0.4), 1, 1))
     return fig
 
 
