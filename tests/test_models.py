@@ -74,7 +74,9 @@ def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
 @pytest.mark.parametrize("name", sorted(CONTEXT_MODULES))
 def test_context_module_returns_one_map_per_level_coarse_to_fine(name: str, num_levels: int) -> None:
     module = build_context(name, channels=16, num_levels=num_levels)
-    refined = module(torch.randn(2, 16, 16, 24), num_levels)
+    # OCR also takes the soft object regions (here 5 classes) that the semantic head computes.
+    regions = [torch.randn(2, 5, 16, 24)] if getattr(module, "needs_object_regions", False) else []
+    refined = module(torch.randn(2, 16, 16, 24), num_levels, *regions)
     assert [tuple(r.shape) for r in refined] == [
         (2, 16, 16 // 2 ** (num_levels - 1 - i), 24 // 2 ** (num_levels - 1 - i)) for i in range(num_levels)
     ]
@@ -117,8 +119,9 @@ def test_unity_head_with_one_level_is_empty() -> None:
 
 def test_semantic_and_fcn_heads_give_class_logits() -> None:
     x = torch.randn(2, 12, 16, 16)
-    semantic = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
+    semantic, auxiliary = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
     assert [tuple(y.shape) for y in semantic] == [(2, 5, 4, 4), (2, 5, 8, 8), (2, 5, 16, 16)]
+    assert auxiliary is None  # only OCR has an auxiliary head
     assert FCNHead(12, num_classes=5, channels=16)(x).shape == (2, 5, 16, 16)
 
 
