@@ -22,9 +22,11 @@ def test_groups_have_the_documented_options():
     assert options("model/backbone") == [
         "hrnet_w18",
         "hrnet_w18_small",
+        "hrnet_w18_small_v2",
         "hrnet_w32",
         "hrnet_w48",
         "resnet101",
+        "resnet101c",
     ]
     assert options("model/context") == ["anl", "anl_multi", "c2f", "ccnet", "none", "ocr"]
     assert options("model/relabel") == ["naive", "oracle", "true_positive"]

@@ -44,10 +44,12 @@ def _one_thread():
     ("name", "channels"),
     [
         ("hrnet_w18_small", 240),
+        ("hrnet_w18_small_v2", 270),
         ("hrnet_w18", 270),
         ("hrnet_w32", 480),
         ("hrnet_w48", 720),
         ("resnet101", 720),
+        ("resnet101c", 720),
     ],
 )
 def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None:
@@ -60,7 +62,15 @@ def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None
 
 
 def test_backbone_registry_lists_the_paper_backbones() -> None:
-    assert set(BACKBONES) == {"hrnet_w18_small", "hrnet_w18", "hrnet_w32", "hrnet_w48", "resnet101"}
+    assert set(BACKBONES) == {
+        "hrnet_w18_small",
+        "hrnet_w18_small_v2",
+        "hrnet_w18",
+        "hrnet_w32",
+        "hrnet_w48",
+        "resnet101",
+        "resnet101c",
+    }
 
 
 def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
@@ -238,7 +248,10 @@ def test_bad_weights_files_raise_clear_errors(tmp_path) -> None:
         create_backbone(SMALL, weights=str(tmp_path / "missing.pth"))
     foreign = tmp_path / "foreign.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, foreign)
-    with pytest.raises(ValueError, match="none of its 1 tensors match"):
+    with pytest.raises(
+        ValueError,
+        match=r"foreign\.pth': only 0 of the 355 tensors of backbone 'hrnet_w18_small'.*unexpected: encoder\.weight",
+    ):
         create_backbone(SMALL, weights=str(foreign))
 
 
