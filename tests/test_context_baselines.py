@@ -100,7 +100,10 @@ def test_ocr_has_hrnet_ocr_widths_at_ds_512() -> None:
     assert module.aggregate[1].p == 0.05
     ccnet = build_context("ccnet", channels=512, num_levels=4)
     assert isinstance(ccnet, CrissCrossContext) and ccnet.recurrence == 2
-    assert ccnet.attention.query.out_channels == 64 and ccnet.attention.value.out_channels == 512
+    # RCCAModule's ratios: attention on in/4 channels (CCNet: 2048 -> 512), queries and keys on 1/8 of those.
+    assert ccnet.reduce[0].out_channels == 128
+    assert ccnet.attention.query.out_channels == 16 and ccnet.attention.value.out_channels == 128
+    assert ccnet.aggregate[0][0].in_channels == 512 + 128 and ccnet.aggregate[1].p == 0.1
 
 
 def test_ocr_rejects_regions_of_another_size() -> None:

@@ -242,18 +242,20 @@ class CrissCrossAttention(nn.Module):
 
 
 class CrissCrossContext(nn.Module):
-    """CCNet's RCCA module [13] on X^(L), then the Eq. 3 pyramid: Conv3x3-BN-ReLU, criss-cross attention
-    `recurrence` times with shared weights (2: every pixel reaches every other), Conv3x3-BN-ReLU, and
-    Conv3x3-BN-ReLU + Dropout(0.1) on concat(X^(L), result); the attention is D_s wide, queries D_s/8."""
+    """CCNet's RCCA module [13] on X^(L) (in = out = D_s), then the Eq. 3 pyramid: Conv3x3-BN-ReLU to
+    D_s/4 channels, criss-cross attention `recurrence` times with shared weights (2: every pixel reaches
+    every other), Conv3x3-BN-ReLU, and Conv3x3-BN-ReLU + Dropout(0.1) from concat(X^(L), result) to D_s.
+    CCNet's widths relative to its input (2048 -> 512, queries 64): at D_s = 512, 128 and 16."""
 
     def __init__(self, channels: int, recurrence: int = 2, dropout: float = 0.1) -> None:
         super().__init__()
+        inner = max(channels // 4, 1)
         self.recurrence = recurrence
-        self.reduce = conv_bn_relu(channels, channels, kernel_size=3)
-        self.attention = CrissCrossAttention(channels)
-        self.expand = conv_bn_relu(channels, channels, kernel_size=3)
+        self.reduce = conv_bn_relu(channels, inner, kernel_size=3)
+        self.attention = CrissCrossAttention(inner)
+        self.expand = conv_bn_relu(inner, inner, kernel_size=3)
         self.aggregate = nn.Sequential(
-            conv_bn_relu(2 * channels, channels, kernel_size=3), nn.Dropout2d(dropout)
+            conv_bn_relu(channels + inner, channels, kernel_size=3), nn.Dropout2d(dropout)
         )
 
     def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
