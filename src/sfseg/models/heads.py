@@ -81,13 +81,9 @@ class SemanticHead(nn.Module):
         self.classifiers = nn.ModuleList(ConvBlock(channels, num_classes) for _ in range(num_levels))
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        projected = self.project(x)
-        if self.auxiliary is None:
-            auxiliary = None
-            levels = self.context(projected, self.num_levels)
-        else:
-            auxiliary = self.auxiliary(x)
-            levels = self.context(projected, self.num_levels, auxiliary)
+        auxiliary = self.auxiliary(x) if self.auxiliary is not None else None
+        regions = [] if auxiliary is None else [auxiliary]  # OCR's soft object regions, from X
+        levels = self.context(self.project(x), self.num_levels, *regions)
         semantic = [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
         return semantic, auxiliary
 
