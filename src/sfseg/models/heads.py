@@ -60,7 +60,11 @@ class UnityHead(nn.Module):
 
 class SemanticHead(nn.Module):
     """Sec. 4.2: X -> Conv1x1-BN-ReLU (D -> D_s) = X^(L) -> context module -> X'^(1..L) -> one
-    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine."""
+    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine.
+
+    With OCR, HRNet-OCR's auxiliary head (a ConvBlock on X) predicts the soft object regions; its class
+    logits [B, C, h_L, w_L] are returned too (None otherwise), to be trained against the finest labels.
+    """
 
     def __init__(
         self, in_channels: int, num_classes: int, num_levels: int, channels: int = 512, context: str = "c2f"
@@ -69,11 +73,19 @@ class SemanticHead(nn.Module):
         self.num_levels = num_levels
         self.project = conv_bn_relu(in_channels, channels)
         self.context = build_context(context, channels, num_levels)
+        self.auxiliary = (
+            ConvBlock(in_channels, num_classes)
+            if getattr(self.context, "needs_object_regions", False)
+            else None
+        )
         self.classifiers = nn.ModuleList(ConvBlock(channels, num_classes) for _ in range(num_levels))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        levels = self.context(self.project(x), self.num_levels)
-        return [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        auxiliary = self.auxiliary(x) if self.auxiliary is not None else None
+        regions = [] if auxiliary is None else [auxiliary]  # OCR's soft object regions, from X
+        levels = self.context(self.project(x), self.num_levels, *regions)
+        semantic = [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+        return semantic, auxiliary
 
 
 class FCNHead(nn.Sequential):

@@ -18,10 +18,13 @@ class PyramidOutput:
     """The two raw pyramids, coarse to fine.
 
     semantic: L logit maps [B, C, H/s_l, W/s_l]; unity: L-1 logit maps [B, H/s_l, W/s_l] ([] for L=1).
+    auxiliary: OCR's auxiliary class logits [B, C, H/4, W/4] (its soft object regions, trained against
+    the finest labels); None for the other context modules.
     """
 
     semantic: list[Tensor]
     unity: list[Tensor]
+    auxiliary: Tensor | None = None
 
 
 class PyramidSegmenter(nn.Module):
@@ -80,4 +83,5 @@ class PyramidSegmenter(nn.Module):
             )
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
-        return PyramidOutput(semantic=self.semantic_head(features), unity=unity)
+        semantic, auxiliary = self.semantic_head(features)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
