@@ -45,10 +45,12 @@ def _one_thread():
     ("name", "channels"),
     [
         ("hrnet_w18_small", 240),
+        ("hrnet_w18_small_v2", 270),
         ("hrnet_w18", 270),
         ("hrnet_w32", 480),
         ("hrnet_w48", 720),
         ("resnet101", 720),
+        ("resnet101c", 720),
     ],
 )
 def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None:
@@ -61,7 +63,15 @@ def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None
 
 
 def test_backbone_registry_lists_the_paper_backbones() -> None:
-    assert set(BACKBONES) == {"hrnet_w18_small", "hrnet_w18", "hrnet_w32", "hrnet_w48", "resnet101"}
+    assert set(BACKBONES) == {
+        "hrnet_w18_small",
+        "hrnet_w18_small_v2",
+        "hrnet_w18",
+        "hrnet_w32",
+        "hrnet_w48",
+        "resnet101",
+        "resnet101c",
+    }
 
 
 def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
@@ -75,7 +85,9 @@ def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
 @pytest.mark.parametrize("name", sorted(CONTEXT_MODULES))
 def test_context_module_returns_one_map_per_level_coarse_to_fine(name: str, num_levels: int) -> None:
     module = build_context(name, channels=16, num_levels=num_levels)
-    refined = module(torch.randn(2, 16, 16, 24), num_levels)
+    # OCR also takes the soft object regions (here 5 classes) that the semantic head computes.
+    regions = [torch.randn(2, 5, 16, 24)] if getattr(module, "needs_object_regions", False) else []
+    refined = module(torch.randn(2, 16, 16, 24), num_levels, *regions)
     assert [tuple(r.shape) for r in refined] == [
         (2, 16, 16 // 2 ** (num_levels - 1 - i), 24 // 2 ** (num_levels - 1 - i)) for i in range(num_levels)
     ]
@@ -118,8 +130,9 @@ def test_unity_head_with_one_level_is_empty() -> None:
 
 def test_semantic_and_fcn_heads_give_class_logits() -> None:
     x = torch.randn(2, 12, 16, 16)
-    semantic = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
+    semantic, auxiliary = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
     assert [tuple(y.shape) for y in semantic] == [(2, 5, 4, 4), (2, 5, 8, 8), (2, 5, 16, 16)]
+    assert auxiliary is None  # only OCR has an auxiliary head
     assert FCNHead(12, num_classes=5, channels=16)(x).shape == (2, 5, 16, 16)
 
 
@@ -236,7 +249,10 @@ def test_bad_weights_files_raise_clear_errors(tmp_path) -> None:
         create_backbone(SMALL, weights=str(tmp_path / "missing.pth"))
     foreign = tmp_path / "foreign.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, foreign)
-    with pytest.raises(ValueError, match="none of its 1 tensors match"):
+    with pytest.raises(
+        ValueError,
+        match=r"foreign\.pth': only 0 of the 355 tensors of backbone 'hrnet_w18_small'.*unexpected: encoder\.weight",
+    ):
         create_backbone(SMALL, weights=str(foreign))
 
 

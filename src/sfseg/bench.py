@@ -374,59 +374,68 @@ def _undecided_share(level_map: Tensor, num_levels: int) -> float:
     return (level_map == num_levels - 1).float().mean().item()
 
 
-def bench_models(
-    cfg: BenchConfig, device: torch.device, quick: bool, checkpoint_shares: list[float] | None = None
-) -> dict[str, object]:
-    """Table 5: every case's inference latency, peak memory and GMACs; every variant's training step
-    time and peak memory (training is always dense) and parameters. Ratios are to FCN in this run."""
-    cases = model_cases(cfg, checkpoint_shares)
-    models = {variant: build_variant(variant, cfg).to(device).eval() for variant in MODEL_VARIANTS}
+def measure_inference(
+    cases: list[Case], models: dict[str, nn.Module], cfg: BenchConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Per case: median latency (interleaved), GMACs, the undecided share on the level map of the
+    run (sparse cases) and, on CUDA, peak memory."""
     calls = {case.name: inference_call(models[case.variant], case, cfg, device) for case in cases}
     images = _images(cfg, device)
     with torch.inference_mode():
-        latency = interleaved_medians(
-            {name: (lambda infer=infer: infer(images)) for name, infer in calls.items()},
-            cfg.model_repeats,
-            cfg.model_warmup,
-            device,
-        )
-        # Multiply-accumulates of the ops actually dispatched: gathered cells count at their number.
-        gmacs = {name: _gmacs(infer, images) for name, infer in calls.items()}
-        shares = {
-            case.name: _undecided_share(calls[case.name](images), cfg.num_levels)
-            for case in cases
-            if case.level_shares is not None
+        measured = {
+            "latency": interleaved_medians(
+                {name: (lambda infer=infer: infer(images)) for name, infer in calls.items()},
+                cfg.model_repeats,
+                cfg.model_warmup,
+                device,
+            ),
+            # Multiply-accumulates of the ops actually dispatched: gathered cells count at their number.
+            "gmacs": {name: _gmacs(infer, images) for name, infer in calls.items()},
+            "share": {
+                case.name: _undecided_share(calls[case.name](images), cfg.num_levels)
+                for case in cases
+                if case.level_shares is not None
+            },
         }
-        memory = (
-            {
+        if device.type == "cuda":
+            measured["memory"] = {
                 name: cuda_peak_memory(lambda infer=infer: infer(images), device)
                 for name, infer in calls.items()
             }
-            if device.type == "cuda"
-            else {}
-        )
-    params = {variant: _params_m(model) for variant, model in models.items()}
+    return measured
+
+
+def measure_training(
+    models: dict[str, nn.Module], cfg: BenchConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Per variant: median training step time (interleaved) and, on CUDA, peak memory."""
     for model in models.values():
         model.train()
     steps = {variant: training_call(model, variant, cfg, device) for variant, model in models.items()}
-    train_ms = interleaved_medians(steps, cfg.train_repeats, cfg.train_warmup, device)
+    measured = {"train_step": interleaved_medians(steps, cfg.train_repeats, cfg.train_warmup, device)}
     if device.type == "cuda":
-        train_memory = {variant: cuda_peak_memory(step, device) for variant, step in steps.items()}
-    del models, calls, steps
-    gc.collect()
-    if device.type == "cpu":
-        # Each child's peak is its own, so two inference children run at once (one per core here);
-        # training children one at a time, as each needs several GB.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            measured = pool.map(lambda case: _cpu_memory_in_subprocess(case, quick), cases)
-            memory = dict(zip((case.name for case in cases), measured, strict=True))
-        train_memory = {
-            variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in MODEL_VARIANTS
+        measured["train_memory"] = {
+            variant: cuda_peak_memory(step, device) for variant, step in steps.items()
         }
+    return measured
 
-    def ratio(values: dict[str, float], name: str) -> float:
-        return values[name] / values["fcn"]
 
+def measure_cpu_memory(cases: list[Case], quick: bool) -> dict[str, dict[str, float]]:
+    """Peak RSS growth of each case's inference and each variant's training step, in fresh processes:
+    two inference children at once (one per core here), training children one at a time (GBs each)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        measured = pool.map(lambda case: _cpu_memory_in_subprocess(case, quick), cases)
+        memory = dict(zip((case.name for case in cases), measured, strict=True))
+    train_memory = {
+        variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in MODEL_VARIANTS
+    }
+    return {"memory": memory, "train_memory": train_memory}
+
+
+def table5_rows(
+    cases: list[Case], measured: dict[str, dict[str, float]], params: dict[str, float]
+) -> list[dict]:
+    """One row per case, with its ratios to FCN; dense rows carry their variant's training step."""
     rows = []
     for case in cases:
         row = {
@@ -435,30 +444,39 @@ def bench_models(
             "path": case.path,
             "share_source": None if case.level_shares is None else case.source,
             "level_shares": None if case.level_shares is None else list(case.level_shares),
-            "undecided_share": shares.get(case.name),  # measured on the level map of the run
-            "latency_ms": latency[case.name],
-            "latency_ratio": ratio(latency, case.name),
-            "memory_mb": memory[case.name],
-            "memory_ratio": ratio(memory, case.name),
-            "gmacs": gmacs[case.name],
-            "gmacs_ratio": ratio(gmacs, case.name),
+            "undecided_share": measured["share"].get(case.name),
             "params_m": params[case.variant],
         }
+        keys = {"latency": "latency_ms", "memory": "memory_mb", "gmacs": "gmacs"}
         if case.level_shares is None:
-            row |= {
-                "train_step_ms": train_ms[case.variant],
-                "train_step_ratio": ratio(train_ms, case.variant),
-                "train_memory_mb": train_memory[case.variant],
-                "train_memory_ratio": ratio(train_memory, case.variant),
-            }
+            keys |= {"train_step": "train_step_ms", "train_memory": "train_memory_mb"}
+        for kind, key in keys.items():
+            by = case.name if kind in ("latency", "memory", "gmacs") else case.variant
+            row[key] = measured[kind][by]
+            row[f"{kind}_ratio"] = measured[kind][by] / measured[kind]["fcn"]
         rows.append(row)
-    if device.type == "cuda":
-        method = "torch.cuda.max_memory_allocated during the call minus the memory allocated before it"
-    else:
+    return rows
+
+
+def bench_models(
+    cfg: BenchConfig, device: torch.device, quick: bool, checkpoint_shares: list[float] | None = None
+) -> dict[str, object]:
+    """Table 5: every case's inference latency, peak memory and GMACs; every variant's training step
+    time and peak memory (training is always dense) and parameters. Ratios are to FCN in this run."""
+    cases = model_cases(cfg, checkpoint_shares)
+    models = {variant: build_variant(variant, cfg).to(device).eval() for variant in MODEL_VARIANTS}
+    params = {variant: _params_m(model) for variant, model in models.items()}
+    measured = measure_inference(cases, models, cfg, device) | measure_training(models, cfg, device)
+    del models
+    gc.collect()  # the memory children need the memory more than we do
+    if device.type == "cpu":
+        measured |= measure_cpu_memory(cases, quick)
         method = (
             "peak RSS growth (VmHWM = ru_maxrss, reset before) over the first call, each case in a fresh "
             "process"
         )
+    else:
+        method = "torch.cuda.max_memory_allocated during the call minus the memory allocated before it"
     return {
         "backbone": cfg.backbone,
         "image_size": cfg.image_size,
@@ -473,7 +491,7 @@ def bench_models(
         "train_call": "forward, loss (FCN: cross entropy; S&F: relabel true_positive + Eq. 1), backward, SGD step",
         "memory_method": method,
         "checkpoint_level_shares": checkpoint_shares,
-        "rows": rows,
+        "rows": table5_rows(cases, measured, params),
     }
 
 
@@ -583,12 +601,20 @@ def to_markdown(results: dict) -> str:
             f"| {row['operation']} | {shape}, L={row['num_levels']} | {row['time_ms']:.2f} | "
             f"{row['baseline']} | {row['baseline_ms']:.2f} | {row['ratio']:.2f}x |"
         )
-    size = models["image_size"]
-    train_size = models["train_size"]
     lines += [
         "",
         f"Unity-cell share of the labels, coarse to fine: {results['targets']['unity_cell_share']}.",
         "",
+        *table5_markdown(models, cfg, meta["checkpoint"]),
+    ]
+    for name, table in results.get("profile", {}).items():
+        lines += [f"## Profile: {name}, top operators by self time", "", "```", table.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def table5_markdown(models: dict, cfg: dict, checkpoint: str | None) -> list[str]:
+    size, train_size = models["image_size"], models["train_size"]
+    lines = [
         f"## Table 5: {models['backbone']}, {models['num_classes']} classes, L={models['num_levels']}, "
         f"tau={models['tau']}",
         "",
@@ -602,9 +628,7 @@ def to_markdown(results: dict) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in models["rows"]:
-        share = _cell(row["undecided_share"], 3)
-        if row["share_source"] == "checkpoint":
-            share += " (ckpt)"
+        share = _cell(row["undecided_share"], 3) + (" (ckpt)" if row["share_source"] == "checkpoint" else "")
         lines.append(
             f"| {row['variant']} | {row['path']} | {share} | {row['latency_ms']:.1f} | "
             f"{row['latency_ratio']:.2f}x | {row['memory_mb']:.0f} | {row['memory_ratio']:.2f}x | "
@@ -612,14 +636,15 @@ def to_markdown(results: dict) -> str:
             f"{_cell(row.get('train_step_ratio'), 2, 'x')} | {_cell(row.get('train_memory_mb'), 0)} | "
             f"{_cell(row.get('train_memory_ratio'), 2, 'x')} | {row['params_m']:.1f} |"
         )
+    shares = models["checkpoint_level_shares"]
     lines += [
         "",
         "Sparse rows force the unity pyramid (`sfseg.inference.sparse`): the decided finest cells are split "
         "evenly over levels 1..L-1 at random positions"
         + (
             f"; the ckpt rows use the checkpoint's own shares per level, coarse to fine "
-            f"{[round(share, 3) for share in models['checkpoint_level_shares']]} ({meta['checkpoint']})"
-            if models["checkpoint_level_shares"]
+            f"{[round(share, 3) for share in shares]} ({checkpoint})"
+            if shares
             else ""
         )
         + ".",
@@ -627,9 +652,7 @@ def to_markdown(results: dict) -> str:
         f"Memory: {models['memory_method']}.",
         "",
     ]
-    for name, table in results.get("profile", {}).items():
-        lines += [f"## Profile: {name}, top operators by self time", "", "```", table.rstrip(), "```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict | None:

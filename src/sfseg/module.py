@@ -11,10 +11,19 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sfseg.inference import fused_logits, level_predictions
+from sfseg.inference import Predictor, fused_logits, level_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
-from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, pyramid_loss, relabel, unity_logit_threshold
+from sfseg.pyramid import (
+    IGNORE_INDEX,
+    RELABEL_POLICIES,
+    SEMANTIC_LOSSES,
+    Ohem,
+    pyramid_loss,
+    relabel,
+    semantic_ce,
+    unity_logit_threshold,
+)
 from sfseg.runs import plain
 
 DEFAULT_OPTIMIZER = {
@@ -24,6 +33,38 @@ DEFAULT_OPTIMIZER = {
     "poly_power": 0.9,
     "head_lr_mult": 1.0,
 }
+# HRNet-OCR's LOSS.BALANCE_WEIGHTS [0.4, 1]: the weight of its auxiliary head's CE (model.context.aux_weight).
+OCR_AUX_WEIGHT = 0.4
+
+
+def semantic_loss(config: Mapping[str, Any] | None) -> Ohem | None:
+    """model.loss as the criterion of Eq. 1's CE terms: None for `ce` (plain CE, the default and the
+    paper's text), the OHEM settings for `ohem` (HRNet-OCR's config)."""
+    config = dict(config or {"name": "ce"})
+    name = config.pop("name", None)
+    if name not in SEMANTIC_LOSSES:
+        raise ValueError(f"model.loss.name={name!r} is not one of {', '.join(SEMANTIC_LOSSES)}")
+    allowed = {"ce": set(), "ohem": {"thresh", "min_kept"}}[name]
+    if set(config) - allowed:
+        raise ValueError(
+            f"model.loss has unknown keys {sorted(set(config) - allowed)} for model.loss.name={name}; "
+            f"allowed: {sorted(allowed) or 'none'}"
+        )
+    return Ohem(**config) if name == "ohem" else None
+
+
+def auxiliary_weight(context: Mapping[str, Any]) -> float:
+    """model.context.aux_weight: the weight of OCR's auxiliary CE in the total loss (0.4); OCR only."""
+    weight = context.get("aux_weight", OCR_AUX_WEIGHT if context["name"] == "ocr" else None)
+    if context["name"] != "ocr":
+        if weight is not None:
+            raise ValueError(
+                f"model.context.aux_weight applies to model.context.name=ocr only, not {context['name']!r}"
+            )
+        return 0.0
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise ValueError(f"model.context.aux_weight must be a number >= 0, got {weight!r}")
+    return float(weight)
 
 
 class SpecializeAndFuseModule(L.LightningModule):
@@ -42,14 +83,16 @@ class SpecializeAndFuseModule(L.LightningModule):
         optimizer: Mapping[str, float] | None = None,
         ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
+        loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
-        backbone, context, relabel, optimizer = (
+        backbone, context, relabel, optimizer, loss = (
             plain(backbone),
             plain(context),
             plain(relabel),
             plain(optimizer),
+            plain(loss),
         )
         policy = relabel["policy"]
         if policy not in RELABEL_POLICIES:
@@ -60,6 +103,8 @@ class SpecializeAndFuseModule(L.LightningModule):
             raise ValueError(
                 f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
             )
+        self.ohem = semantic_loss(loss)
+        self.aux_weight = auxiliary_weight(context)
         self.save_hyperparameters()
         self.policy = policy
         self.tau = tau
@@ -77,17 +122,35 @@ class SpecializeAndFuseModule(L.LightningModule):
     def forward(self, images: Tensor) -> PyramidOutput:
         return self.net(images)
 
+    def predictor(self, palette: Sequence[tuple[int, int, int]] = ()) -> Predictor:
+        """The trained network as a `sfseg.inference.Predictor` (puts it in eval mode)."""
+        return Predictor(
+            net=self.net,
+            class_names=self.class_names,
+            tau=self.tau,
+            device=self.device,
+            ignore_index=self.ignore_index,
+            palette=list(palette),
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.net(batch["image"])
         targets = relabel(batch["targets"], out.unity, self.policy, self.tau)
-        loss = pyramid_loss(out.semantic, out.unity, targets)
+        loss = pyramid_loss(out.semantic, out.unity, targets, self.ohem)
+        total = loss.total
         batch_size = batch["image"].shape[0]
         terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
         terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
-        self._check_finite({"train/loss": loss.total, **terms})
-        self.log("train/loss", loss.total, prog_bar=True, batch_size=batch_size)
+        if out.auxiliary is not None:
+            # OCR's auxiliary head, against the finest labels before relabelling: it must find the
+            # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
+            aux = semantic_ce(out.auxiliary, batch["targets"].semantic[-1], self.ignore_index)
+            terms["train/ocr_aux_ce"] = aux
+            total = total + self.aux_weight * aux
+        self._check_finite({"train/loss": total, **terms})
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict(terms, batch_size=batch_size)
-        return loss.total
+        return total
 
     def _check_finite(self, terms: dict[str, Tensor]) -> None:
         """Stop at the first NaN/inf loss, naming the step and Eq. 1's term; one check per step."""
@@ -110,7 +173,9 @@ class SpecializeAndFuseModule(L.LightningModule):
         out = self.net(batch["image"])
         label = batch["label"]
         targets = batch["targets"]
-        loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau))
+        loss = pyramid_loss(
+            out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau), self.ohem
+        )
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
         fused, level_map = fused_logits(out, label.shape[-2:], self.tau)
         fused_pred = fused.argmax(1)

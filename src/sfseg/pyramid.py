@@ -20,6 +20,7 @@ from torch import Tensor
 FINEST_STRIDE = 4
 IGNORE_INDEX = 255
 RELABEL_POLICIES = ("naive", "oracle", "true_positive")
+SEMANTIC_LOSSES = ("ce", "ohem")  # model.loss.name: Eq. 1's plain CE, or HRNet-OCR's OHEM CE
 
 
 def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[int]:
@@ -256,6 +257,60 @@ def kept_cells(
 
 
 @dataclass(frozen=True)
+class Ohem:
+    """Online hard example mining of the semantic CE terms (model.loss=ohem), HRNet-OCR's protocol.
+
+    thresh: elements whose true-class probability is below it are kept (model.loss.thresh);
+    min_kept: at least this many of a level's valid elements per batch are kept (model.loss.min_kept).
+    """
+
+    thresh: float = 0.9
+    min_kept: int = 131072
+
+    def __post_init__(self) -> None:
+        if isinstance(self.thresh, bool) or not isinstance(self.thresh, int | float):
+            raise ValueError(f"model.loss.thresh must be a number in (0, 1], got {self.thresh!r}")
+        if not 0.0 < self.thresh <= 1.0:
+            raise ValueError(f"model.loss.thresh must be in (0, 1], got {self.thresh}")
+        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, int) or self.min_kept < 1:
+            raise ValueError(f"model.loss.min_kept must be an integer >= 1, got {self.min_kept!r}")
+
+
+def ohem_keep(probability: Tensor, valid: Tensor, thresh: float, min_kept: int) -> Tensor:
+    """The elements OHEM keeps, with the semantics of HRNet-OCR's OhemCrossEntropy
+    (lib/core/criterion.py of HRNet/HRNet-Semantic-Segmentation, branch HRNet-OCR).
+
+    probability: the softmax probability of the true class per element; valid: the non-ignored ones.
+    Over the n valid elements of the whole batch, sorted ascending, threshold =
+    max(thresh, sorted[min(min_kept, n - 1)]) and the valid elements strictly below it are kept: all
+    those under `thresh`, and at least the min_kept hardest (ties aside). With n <= min_kept the
+    threshold is max(thresh, the largest probability), as there. No valid element: nothing is kept.
+    """
+    probability = probability.float()
+    ordered = torch.where(valid, probability, torch.inf).flatten().sort().values
+    # min(min_kept, n - 1) as a tensor, so that no device sync is needed; 0 when n == 0.
+    index = (valid.sum() - 1).clamp(min=0, max=min_kept)
+    threshold = ordered[index].clamp(min=thresh)
+    return valid & (probability < threshold)
+
+
+def semantic_ce(
+    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, ohem: Ohem | None = None
+) -> Tensor:
+    """One CE term of Eq. 1: the mean over the target's non-ignored elements (with `ohem`: over
+    those OHEM keeps); exactly 0 when none is left. Logits smaller than the target (level L) are
+    upsampled bilinearly to its size first (DESIGN 1), as HRNet does."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    per_element = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    kept = target != ignore_index
+    if ohem is not None:
+        # CE is -log p(true class): exp(-CE) is the softmax probability that OHEM ranks.
+        kept = ohem_keep(torch.exp(-per_element.detach()), kept, ohem.thresh, ohem.min_kept)
+    return torch.where(kept, per_element, 0.0).sum() / kept.sum().clamp(min=1)
+
+
+@dataclass(frozen=True)
 class PyramidLoss:
     """Eq. 1's total and its terms: one CE per semantic level, one BCE per unity level."""
 
@@ -265,20 +320,22 @@ class PyramidLoss:
 
 
 def pyramid_loss(
-    semantic_logits: list[Tensor], unity_logits: list[Tensor], targets: PyramidTargets
+    semantic_logits: list[Tensor],
+    unity_logits: list[Tensor],
+    targets: PyramidTargets,
+    ohem: Ohem | None = None,
 ) -> PyramidLoss:
     """Eq. 1: mean over L levels of CE plus mean over L-1 levels of BCE.
 
     Each term is averaged over its non-ignored elements; a level with no valid target adds exactly 0.
     The finest logits are upsampled bilinearly to the label size (DESIGN 1), as HRNet does.
+    `ohem` (HRNet-OCR's config, not Eq. 1's text) restricts each CE term to its hard elements.
     """
     ignore = targets.ignore_index
-    ce: list[Tensor] = []
-    for logits, target in zip(semantic_logits, targets.semantic, strict=True):
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        summed = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
-        ce.append(summed / (target != ignore).sum().clamp(min=1))
+    ce = [
+        semantic_ce(logits, target, ignore, ohem)
+        for logits, target in zip(semantic_logits, targets.semantic, strict=True)
+    ]
     bce: list[Tensor] = []
     for logits, target in zip(unity_logits, targets.unity, strict=True):
         valid = target != ignore

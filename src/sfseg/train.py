@@ -30,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from sfseg import CONFIG_DIR
 from sfseg.callbacks import LastCheckpoint
 from sfseg.data.datamodule import SegmentationDataModule
-from sfseg.inference import Predictor
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.runs import (
     CHECKPOINT_FOLDER,
@@ -172,16 +171,8 @@ def save_pyramid_png(
     model: SpecializeAndFuseModule, datamodule: SegmentationDataModule, path: Path, num_images: int
 ) -> Path:
     """Draw the pyramids of the first val images with the trained model."""
-    images, labels = datamodule.val_examples(num_images)
-    predictor = Predictor(
-        net=model.net,
-        class_names=model.class_names,
-        tau=model.tau,
-        device=model.device,
-        ignore_index=model.ignore_index,
-        palette=list(datamodule.palette),
-    )
-    return save_figure(predictor.pyramid_figure(images, labels), path)
+    figure = model.predictor(datamodule.palette).pyramid_figure(*datamodule.val_examples(num_images))
+    return save_figure(figure, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -19,14 +19,15 @@ from matplotlib.patches import Patch, Rectangle
 from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from sfseg.pyramid import IGNORE_INDEX, level_strides, repeat_cells, unity_logit_threshold
+from sfseg.pyramid import IGNORE_INDEX, PyramidTargets, level_strides, repeat_cells, unity_logit_threshold
 
 # Level colours, coarse to fine (level 1 = dark blue ... level L = yellow), as in Fig. 1.
 LEVEL_CMAP = "viridis"
-# Unity panels: a cell a coarser level already decided (the fuse never looks at this level there).
-DECIDED_ABOVE_RGB = (235, 235, 235)
-# Unity panels: an undecided cell (unity < tau) is grey, from black (p = 0) to this grey (p = tau).
-UNDECIDED_MAX_GREY = 150
+# Unity panels: a cell a coarser level already decided is blank (the fuse never reads this level there).
+DECIDED_ABOVE_RGB = (255, 255, 255)
+# Unity panels: an undecided cell (unity p < tau) is grey, from dark (p = 0) to light (p just below tau);
+# never black, so that the darkest level colour stays apart from it.
+UNDECIDED_GREYS = (90, 200)
 
 
 def denormalize(images: Tensor) -> np.ndarray:
@@ -79,8 +80,8 @@ def level_legend(num_levels: int) -> list[Patch]:
 
 def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarray]:
     """Per unity level, RGB [B, h_l, w_l, 3] of the fuse's decision at tau (Eq. 2): the level's colour
-    where this level is the coarsest with unity >= tau, light grey where a coarser level already
-    decided, and a grey ramp (black = unity 0, mid grey = just below tau) where the cell stays mixed."""
+    where this level is the coarsest with unity >= tau, white where a coarser level already decided,
+    and a grey ramp (dark = unity 0, light = just below tau) where the cell stays mixed."""
     threshold = unity_logit_threshold(tau)
     colours = level_palette(len(unity_logits) + 1)
     pictures = []
@@ -92,7 +93,8 @@ def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarr
         else:
             above = torch.zeros_like(logits, dtype=torch.bool)
         here = (logits >= threshold) & ~above
-        grey = (torch.sigmoid(logits) / tau).clamp(max=1) * UNDECIDED_MAX_GREY
+        darkest, lightest = UNDECIDED_GREYS
+        grey = darkest + (torch.sigmoid(logits) / tau).clamp(max=1) * (lightest - darkest)
         rgb = grey.round().to(torch.uint8).unsqueeze(-1).repeat(1, 1, 1, 3)
         rgb[here] = torch.tensor(colours[level], dtype=torch.uint8)
         rgb[above] = torch.tensor(DECIDED_ABOVE_RGB, dtype=torch.uint8)
@@ -120,7 +122,7 @@ def pyramid_figure(
     titles += [f"semantic Y{level}" for level in range(1, levels + 1)]
     titles += ["level map", "fused"]
     rows, cols = images.shape[0], len(titles)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.7), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows + 0.4), squeeze=False)
     rgb = denormalize(images)
     decisions = unity_decisions(unity_logits, tau)
     level_cmap = ListedColormap(np.asarray(level_palette(levels)) / 255)
@@ -145,11 +147,16 @@ def pyramid_figure(
     handles = level_legend(levels)
     if levels > 1:
         handles += [
-            Patch(color=np.asarray(DECIDED_ABOVE_RGB) / 255, label="unity: decided by a coarser level"),
-            Patch(color=np.full(3, UNDECIDED_MAX_GREY / 255), label="unity: mixed (< τ), black = 0"),
+            Patch(
+                facecolor=np.asarray(DECIDED_ABOVE_RGB) / 255,
+                edgecolor="black",
+                label="unity: decided by a coarser level",
+            ),
+            Patch(color=np.full(3, UNDECIDED_GREYS[0] / 255), label="unity: mixed (< τ), p = 0"),
+            Patch(color=np.full(3, UNDECIDED_GREYS[1] / 255), label="unity: mixed, p just below τ"),
         ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.7 / (1.7 * rows + 0.7), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (1.7 * rows + 0.4), 1, 1))
     return fig
 
 
@@ -221,3 +228,102 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset browser (python -m sfseg.data.browse): ground-truth pyramids and split statistics.
+
+IGNORED_GREYS = (96, 176)  # diagonal stripes of these two greys mark ignored pixels and cells
+
+
+def hatch_ignored(rgb: np.ndarray, ignored: np.ndarray, period: int = 8) -> np.ndarray:
+    """A copy of an [H, W, 3] uint8 picture with its ignored pixels painted in diagonal grey stripes."""
+    rows, cols = np.indices(ignored.shape)
+    stripes = np.where((rows + cols) // (period // 2) % 2 == 0, *IGNORED_GREYS).astype(np.uint8)
+    out = rgb.copy()
+    out[ignored] = stripes[ignored][:, None]
+    return out
+
+
+def target_panels(
+    label: Tensor, targets: PyramidTargets, palette: Sequence[Sequence[int]]
+) -> list[tuple[str, np.ndarray]]:
+    """One sample's ground-truth pyramids (Sec. 3.1) as (title, [H, W, 3] picture) at label size: the
+    labels (= the per-pixel targets of level L), the unity targets U^(1..L-1) (white unity, black mix)
+    and the semantic targets Y^(1..L-1) (class colours); ignored pixels and cells hatched grey.
+
+    label: [H, W]; targets: of that label as a batch of one."""
+    ignore = targets.ignore_index
+    levels = targets.num_levels
+    strides = level_strides(levels)[:-1]  # the cell levels 1..L-1
+    labels = hatch_ignored(colorize(label, palette, ignore), (label == ignore).cpu().numpy())
+    panels = [(f"labels = Y{levels} (per pixel)", labels)]
+    for level, (unity, stride) in enumerate(zip(targets.unity, strides, strict=True), 1):
+        cells = repeat_cells(unity[0], stride).cpu().numpy()
+        valid = cells != ignore
+        share = (cells == 1).sum() / max(valid.sum(), 1)
+        white_unity = np.repeat(np.where(cells == 1, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+        panels.append((f"U{level} (stride {stride}): {share:.0%} unity", hatch_ignored(white_unity, ~valid)))
+    for level, (semantic, stride) in enumerate(zip(targets.semantic[:-1], strides, strict=True), 1):
+        cells = repeat_cells(semantic[0], stride)
+        pictured = hatch_ignored(colorize(cells, palette, ignore), (cells == ignore).cpu().numpy())
+        panels.append((f"Y{level} (stride {stride})", pictured))
+    return panels
+
+
+def target_pyramid_figure(
+    image: Tensor,
+    label: Tensor,
+    targets: PyramidTargets,
+    palette: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    title: str = "",
+    max_legend: int = 24,
+) -> plt.Figure:
+    """One training sample after augmentation: the image, then `target_panels`, and a legend of the
+    classes in the labels (the most frequent `max_legend`)."""
+    panels = [("image", denormalize(image[None])[0]), *target_panels(label, targets, palette)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 3.2), squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels, strict=True):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    present = torch.bincount(label[label != targets.ignore_index].flatten(), minlength=len(class_names))
+    shown = [int(index) for index in present.argsort(descending=True) if present[index] > 0][:max_legend]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=np.asarray(palette[index]) / 255) for index in shown]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color=np.asarray(IGNORED_GREYS[0]).repeat(3) / 255))
+    names = [class_names[index] for index in shown] + ["ignored (grey stripes)"]
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 8), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 8), 1, 0.95))
+    return fig
+
+
+def statistics_figure(
+    class_names: Sequence[str],
+    pixel_share: Sequence[float],
+    unity_levels: Sequence[str],
+    unity_share: Sequence[float],
+    title: str = "",
+) -> plt.Figure:
+    """Bar charts of a split: each class's share of the valid pixels (most frequent first) and the
+    share of unity cells among the cells with a valid pixel at each pyramid level."""
+    order = np.argsort(pixel_share)[::-1]
+    fig, (classes_ax, unity_ax) = plt.subplots(
+        2, 1, figsize=(max(8.0, 0.13 * len(class_names)), 7.5), gridspec_kw={"height_ratios": [3, 2]}
+    )
+    classes_ax.bar(range(len(order)), 100 * np.asarray(pixel_share)[order], color="tab:blue")
+    classes_ax.set_xticks(range(len(order)), [class_names[index] for index in order], rotation=90, fontsize=6)
+    classes_ax.set_xlim(-0.6, len(order) - 0.4)
+    classes_ax.set_ylabel("share of valid pixels (%)")
+    classes_ax.set_title(title, fontsize=9)
+    if unity_levels:
+        unity_ax.bar(unity_levels, 100 * np.asarray(unity_share), color="tab:green")
+        unity_ax.set_ylim(0, 100)
+        unity_ax.set_ylabel("unity cells (%)")
+    else:
+        unity_ax.text(0.5, 0.5, "one level: no unity pyramid", ha="center", va="center")
+        unity_ax.set_axis_off()
+    fig.tight_layout()
+    return fig

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor
+from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor, upsample
 
 EVAL_MODES = ("whole", "slide")
 
@@ -167,9 +167,7 @@ def tta_probabilities(net: nn.Module, images: Tensor, settings: InferenceSetting
             logits = predict_logits(net, scaled.flip(-1) if flipped else scaled, settings, tau)
             if flipped:
                 logits = logits.flip(-1)
-            if size != (height, width):
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            probabilities = logits.softmax(1)
+            probabilities = upsample(logits, (height, width)).softmax(1)
             total = probabilities if total is None else total + probabilities
             views += 1
     return total / views

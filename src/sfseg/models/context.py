@@ -5,13 +5,18 @@ features X'^(1..L), coarse to fine, so the semantic head can swap them by name:
   none       Eq. 3 pooling only;
   anl        one ANL block on X^(L), then Eq. 3;
   anl_multi  Eq. 3, then one ANL block per level;
-  c2f        Eq. 3, then the paper's coarse-to-fine CA/CU cascade (Eq. 4-11).
+  c2f        Eq. 3, then the paper's coarse-to-fine CA/CU cascade (Eq. 4-11);
+  ocr        one OCR block [27] on X^(L), then Eq. 3 (Table 5's "+ OCR" at L=1);
+  ccnet      CCNet's recurrent criss-cross attention [13] on X^(L), then Eq. 3 (Table 5's "+ CCNet").
+OCR also needs soft object regions: the semantic head computes them with an auxiliary classifier on
+the backbone feature X and passes them in (`needs_object_regions`).
 
 For sparse inference (`deferred_levels`), a module may hand over a level as a `DeferredLevel`: its
 features X^(l) and the per-cell step (a CA with its context tokens fixed) that turns them into X'^(l)
 when nothing but that level's ConvBlock reads X'^(l). The sparse path then runs the step on the cells
 the fuse keeps only. A module without `deferred_levels` of its own (dense work, Eq. 3, then per-level
-ConvBlocks, like `anl`) gives its dense levels, and the sparse path still runs its ConvBlocks sparsely.
+ConvBlocks, like `anl`, `ocr`, `ccnet`) gives its dense levels, and the sparse path still runs its
+ConvBlocks sparsely.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -248,21 +254,123 @@ class CoarseToFineContext(_PerLevelContext):
         return refined
 
 
+def object_centres(x: Tensor, regions: Tensor) -> Tensor:
+    """OCR's SpatialGather: features [B, C, h, w] and region logits [B, K, h, w] -> one centre per
+    region [B, C, K], the features averaged with softmax-over-pixels weights of the region's logits."""
+    weights = torch.softmax(regions.flatten(2), dim=2)  # [B, K, hw]
+    return torch.bmm(weights, x.flatten(2).transpose(1, 2)).transpose(1, 2)
+
+
+class ObjectContext(nn.Module):
+    """OCR [27] as in HRNet-OCR's head, on X^(L) (D_s = 512 mid channels), then the Eq. 3 pyramid.
+
+    The soft object regions (auxiliary class logits [B, K, h, w]) weigh the pixels into one centre per
+    class (SpatialGather: softmax over the pixels); every pixel attends to the K centres with
+    key_channels (256) wide queries and keys (ObjectAttentionBlock), and Conv1x1-BN-ReLU + Dropout(0.05)
+    on concat(context, X^(L)) gives the refined feature (SpatialOCR). HRNet-OCR's 3x3 conv from the
+    backbone to the 512 mid channels is the semantic head's Conv1x1 projection here, as for every module.
+    """
+
+    needs_object_regions: ClassVar[bool] = True
+
+    def __init__(self, channels: int, key_channels: int | None = None, dropout: float = 0.05) -> None:
+        super().__init__()
+        key_channels = key_channels or channels // 2
+        self.query = nn.Sequential(
+            conv_bn_relu(channels, key_channels), conv_bn_relu(key_channels, key_channels)
+        )
+        self.key = nn.Sequential(
+            conv_bn_relu(channels, key_channels, dims=1), conv_bn_relu(key_channels, key_channels, dims=1)
+        )
+        self.value = conv_bn_relu(channels, key_channels, dims=1)
+        self.up = conv_bn_relu(key_channels, channels)
+        self.aggregate = nn.Sequential(conv_bn_relu(2 * channels, channels), nn.Dropout2d(dropout))
+
+    def forward(self, x: Tensor, num_levels: int, regions: Tensor) -> list[Tensor]:
+        batch, _, height, width = x.shape
+        if regions.shape[0] != batch or regions.shape[-2:] != x.shape[-2:]:
+            raise ValueError(
+                f"object regions {tuple(regions.shape)} do not cover the feature map {tuple(x.shape)}"
+            )
+        centres = object_centres(x, regions)
+        query = self.query(x).flatten(2).transpose(1, 2).unsqueeze(1)  # [B, 1, hw, key]
+        key = self.key(centres).transpose(1, 2).unsqueeze(1)  # [B, 1, K, key]
+        value = self.value(centres).transpose(1, 2).unsqueeze(1)  # [B, 1, K, key]
+        context = F.scaled_dot_product_attention(query, key, value)  # softmax(q k^T / sqrt(key)) v
+        context = self.up(context.squeeze(1).transpose(1, 2).reshape(batch, -1, height, width))
+        return pool_levels(self.aggregate(torch.cat([context, x], dim=1)), num_levels)
+
+
+class CrissCrossAttention(nn.Module):
+    """CCNet's criss-cross attention [13]: every pixel attends to the pixels of its row and of its
+    column (itself once), with unscaled dot products; out = gamma * attended + x, gamma starting at 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, max(channels // 8, 1), 1)
+        self.key = nn.Conv2d(channels, max(channels // 8, 1), 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        height = x.shape[-2]
+        query, key, value = self.query(x), self.key(x), self.value(x)
+        # Energies of pixel (i, j) with its column (k, j) and with its row (i, k): [B, H, W, H] and [B, H, W, W].
+        column = torch.einsum("bcij,bckj->bijk", query, key)
+        row = torch.einsum("bcij,bcik->bijk", query, key)
+        itself = torch.eye(height, dtype=torch.bool, device=x.device).view(height, 1, height)
+        column = column.masked_fill(itself, float("-inf"))  # the pixel is counted in its row only
+        attention = torch.softmax(torch.cat([column, row], dim=-1), dim=-1)
+        attended = torch.einsum("bijk,bckj->bcij", attention[..., :height], value) + torch.einsum(
+            "bijk,bcik->bcij", attention[..., height:], value
+        )
+        return self.gamma * attended + x
+
+
+class CrissCrossContext(nn.Module):
+    """CCNet's RCCA module [13] on X^(L) (in = out = D_s), then the Eq. 3 pyramid: Conv3x3-BN-ReLU to
+    D_s/4 channels, criss-cross attention `recurrence` times with shared weights (2: every pixel reaches
+    every other), Conv3x3-BN-ReLU, and Conv3x3-BN-ReLU + Dropout(0.1) from concat(X^(L), result) to D_s.
+    CCNet's widths relative to its input (2048 -> 512, queries 64): at D_s = 512, 128 and 16."""
+
+    def __init__(self, channels: int, recurrence: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        inner = max(channels // 4, 1)
+        self.recurrence = recurrence
+        self.reduce = conv_bn_relu(channels, inner, kernel_size=3)
+        self.attention = CrissCrossAttention(inner)
+        self.expand = conv_bn_relu(inner, inner, kernel_size=3)
+        self.aggregate = nn.Sequential(
+            conv_bn_relu(channels + inner, channels, kernel_size=3), nn.Dropout2d(dropout)
+        )
+
+    def forward(self, x: Tensor, num_levels: int) -> list[Tensor]:
+        attended = self.reduce(x)
+        for _ in range(self.recurrence):
+            attended = self.attention(attended)
+        attended = self.expand(attended)
+        return pool_levels(self.aggregate(torch.cat([x, attended], dim=1)), num_levels)
+
+
 # name -> factory(channels, num_levels)
 CONTEXT_MODULES: dict[str, Callable[[int, int], nn.Module]] = {
     "none": lambda channels, num_levels: NoContext(),
     "anl": lambda channels, num_levels: SingleANL(channels),
     "anl_multi": MultiANL,
     "c2f": CoarseToFineContext,
+    "ocr": lambda channels, num_levels: ObjectContext(channels),
+    "ccnet": lambda channels, num_levels: CrissCrossContext(channels),
 }
 
 
-def deferred_levels(context: nn.Module, x: Tensor, num_levels: int) -> list[Tensor | DeferredLevel]:
+def deferred_levels(
+    context: nn.Module, x: Tensor, num_levels: int, *regions: Tensor
+) -> list[Tensor | DeferredLevel]:
     """X'^(1..L) of `context` for the sparse path: each level's features, or a DeferredLevel where a
     per-cell step is all that stands between X^(l) and the ConvBlock. A module without a
-    `deferred_levels` method of its own gives the levels of its (dense) forward."""
+    `deferred_levels` method of its own gives the levels of its (dense) forward. `regions`: OCR's."""
     own = getattr(context, "deferred_levels", None)
-    return own(x, num_levels) if own is not None else context(x, num_levels)
+    return (own or context)(x, num_levels, *regions)
 
 
 def build_context(name: str, channels: int, num_levels: int) -> nn.Module:

@@ -98,7 +98,11 @@ class CellGather:
 
 class SemanticHead(nn.Module):
     """Sec. 4.2: X -> Conv1x1-BN-ReLU (D -> D_s) = X^(L) -> context module -> X'^(1..L) -> one
-    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine."""
+    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine.
+
+    With OCR, HRNet-OCR's auxiliary head (a ConvBlock on X) predicts the soft object regions; its class
+    logits [B, C, h_L, w_L] are returned too (None otherwise), to be trained against the finest labels.
+    """
 
     def __init__(
         self, in_channels: int, num_classes: int, num_levels: int, channels: int = 512, context: str = "c2f"
@@ -107,17 +111,34 @@ class SemanticHead(nn.Module):
         self.num_levels = num_levels
         self.project = conv_bn_relu(in_channels, channels)
         self.context = build_context(context, channels, num_levels)
+        self.auxiliary = (
+            ConvBlock(in_channels, num_classes)
+            if getattr(self.context, "needs_object_regions", False)
+            else None
+        )
         self.classifiers = nn.ModuleList(ConvBlock(channels, num_classes) for _ in range(num_levels))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        levels = self.context(self.project(x), self.num_levels)
-        return [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        projected, auxiliary = self.context_inputs(x)
+        regions = [] if auxiliary is None else [auxiliary]  # OCR's soft object regions, from X
+        levels = self.context(projected, self.num_levels, *regions)
+        semantic = [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+        return semantic, auxiliary
 
-    def sparse_forward(self, projected: Tensor, kept: list[Tensor]) -> list[Tensor]:
+    def context_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What the context module reads of X: X^(L) = Conv1x1-BN-ReLU(X), and with OCR the auxiliary
+        class logits (the soft object regions; None for the other modules)."""
+        auxiliary = self.auxiliary(x) if self.auxiliary is not None else None
+        return self.project(x), auxiliary
+
+    def sparse_forward(
+        self, projected: Tensor, kept: list[Tensor], auxiliary: Tensor | None = None
+    ) -> list[Tensor]:
         """Inference: Y^(l) [B, C, h_l, w_l] computed at the `kept` cells of each level only ([B, h_l, w_l]
-        masks, coarse to fine), zero elsewhere. `projected` is X^(L) = self.project(X). Each
+        masks, coarse to fine), zero elsewhere. `projected` and `auxiliary` are `context_inputs(X)`. Each
         ConvBlock, and each per-cell step the context module defers, runs on the kept cells alone."""
-        levels = deferred_levels(self.context, projected, self.num_levels)
+        regions = [] if auxiliary is None else [auxiliary]
+        levels = deferred_levels(self.context, projected, self.num_levels, *regions)
         logits = []
         for classify, mask in zip(self.classifiers, kept, strict=True):
             level = levels.pop(0)  # dropped once used: no full-resolution map outlives its level

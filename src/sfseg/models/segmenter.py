@@ -18,10 +18,13 @@ class PyramidOutput:
     """The two raw pyramids, coarse to fine.
 
     semantic: L logit maps [B, C, H/s_l, W/s_l]; unity: L-1 logit maps [B, H/s_l, W/s_l] ([] for L=1).
+    auxiliary: OCR's auxiliary class logits [B, C, H/4, W/4] (its soft object regions, trained against
+    the finest labels); None for the other context modules.
     """
 
     semantic: list[Tensor]
     unity: list[Tensor]
+    auxiliary: Tensor | None = None
 
 
 class PyramidSegmenter(nn.Module):
@@ -74,7 +77,8 @@ class PyramidSegmenter(nn.Module):
         self._check_size(images)
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
-        return PyramidOutput(semantic=self.semantic_head(features), unity=unity)
+        semantic, auxiliary = self.semantic_head(features)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
 
     def sparse_forward(self, images: Tensor, tau: float) -> PyramidOutput:
         """The pyramids as Eq. 2's fuse at `tau` reads them, computing each level's per-cell semantic
@@ -86,12 +90,13 @@ class PyramidSegmenter(nn.Module):
         self._check_size(images)
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
-        projected = self.semantic_head.project(features)
+        projected, auxiliary = self.semantic_head.context_inputs(features)
         del features  # both heads have read it
         batch, _, height, width = images.shape
         finest = (batch, height // FINEST_STRIDE, width // FINEST_STRIDE)
         kept = kept_cells(unity, finest, tau, images.device)
-        return PyramidOutput(semantic=self.semantic_head.sparse_forward(projected, kept), unity=unity)
+        semantic = self.semantic_head.sparse_forward(projected, kept, auxiliary)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
 
     def _check_size(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
