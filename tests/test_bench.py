@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfseg.bench import MODEL_VARIANTS, QUICK, main
+from sfseg.bench import MODEL_VARIANTS, QUICK, checkpoint_level_shares, main, model_cases
 from tests.test_eval import train_tiny_checkpoint
 
 # ratio key -> the value it divides by FCN's
@@ -31,10 +31,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_quick_run_writes_json_and_markdown(tmp_path, trained_run: Path, restore_threads) -> None:
-    ckpt = trained_run / "checkpoints" / "last.ckpt"
+def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
     # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(["--quick", "--threads", "1", "--out", str(tmp_path), "--ckpt", str(ckpt), "--profile"])
+    main(["--quick", "--threads", "1", "--out", str(tmp_path), "--profile"])
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
@@ -74,7 +73,6 @@ def test_quick_run_writes_json_and_markdown(tmp_path, trained_run: Path, restore
             assert row["undecided_share"] == pytest.approx(row["level_shares"][-1], abs=0.5 / leaves + 1e-9)
             # Sparse runs fewer multiply-accumulates than the same variant dense.
             assert row["gmacs"] < rows[row["variant"]]["gmacs"]
-    assert rows["sf_c2f@ckpt"]["level_shares"] == models["checkpoint_level_shares"]
     assert fcn["latency_ratio"] == fcn["train_step_ratio"] == 1.0
 
     markdown = (tmp_path / "results.md").read_text()
@@ -84,9 +82,23 @@ def test_quick_run_writes_json_and_markdown(tmp_path, trained_run: Path, restore
     assert "## Table 5:" in markdown and "| train step (ms) |" in markdown
     for variant in MODEL_VARIANTS:
         assert f"| {variant} | dense |" in markdown
-    assert "| sf_c2f | sparse | 0.500 |" in markdown and " (ckpt) |" in markdown
+    assert "| sf_c2f | sparse | 0.500 |" in markdown
     assert "fresh process" in markdown
     assert "## Profile: sf_c2f@0.33" in markdown and "aten::" in markdown
+
+
+@pytest.mark.slow
+def test_checkpoint_shares_are_its_validations_and_add_sparse_rows(trained_run: Path) -> None:
+    shares = checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 4, torch.device("cpu"))
+    # The share of finest cells per level that the training run's validation measured.
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert shares == pytest.approx([trained[f"share_level{level}"] for level in range(1, 5)])
+    cases = model_cases(QUICK, shares)
+    ckpt_cases = [case for case in cases if case.source == "checkpoint"]
+    assert [case.name for case in ckpt_cases] == [f"{variant}@ckpt" for variant in MODEL_VARIANTS[1:]]
+    assert all(list(case.level_shares) == shares for case in ckpt_cases)
+    with pytest.raises(ValueError, match=r"--ckpt .* has L=4 levels; the benchmark's models have L=2"):
+        checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 2, torch.device("cpu"))
 
 
 def test_bench_refuses_a_missing_checkpoint(tmp_path) -> None:
