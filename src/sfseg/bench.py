@@ -72,8 +72,8 @@ class BenchConfig:
     image_size: int = 512
     repeats: int = 20
     warmup: int = 3
-    model_repeats: int = 10
-    model_warmup: int = 2
+    model_repeats: int = 7
+    model_warmup: int = 1
     shares: tuple[float, ...] = SHARES
     train_batch: int = 2
     train_size: int = 512
