@@ -57,6 +57,7 @@ MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_anl_multi", "sf_c2f")
 # default leaves (the goals are stated there).
 SHARES = (0.25, 0.33, 0.5, 0.75, 1.0)
 PROFILE_SHARE = 0.33
+PROFILE_CALLS = 3
 TAU = 0.9
 
 
@@ -509,8 +510,9 @@ def checkpoint_level_shares(ckpt_path: Path, num_levels: int, device: torch.devi
     return list(evaluation.specialization()["parsimony"]["share_per_level"].values())
 
 
-def profile_table(cfg: BenchConfig, device: torch.device, share: float, rows: int = 15) -> dict[str, str]:
-    """torch.profiler's top operators by self time: FCN and S&F c2f sparse at `share` undecided."""
+def profile_table(cfg: BenchConfig, device: torch.device, share: float, rows: int = 20) -> dict[str, str]:
+    """torch.profiler's top operators by self time over PROFILE_CALLS inferences (after warm-up): FCN
+    and S&F c2f sparse at `share` undecided."""
     tables = {}
     images = _images(cfg, device)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -524,7 +526,8 @@ def profile_table(cfg: BenchConfig, device: torch.device, share: float, rows: in
             for _ in range(cfg.model_warmup):
                 infer(images)
             with torch.profiler.profile(activities=activities) as profiler:
-                infer(images)
+                for _ in range(PROFILE_CALLS):
+                    infer(images)
                 _sync(device)
         tables[case.name] = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
     return tables
@@ -608,7 +611,8 @@ def to_markdown(results: dict) -> str:
         *table5_markdown(models, cfg, meta["checkpoint"]),
     ]
     for name, table in results.get("profile", {}).items():
-        lines += [f"## Profile: {name}, top operators by self time", "", "```", table.rstrip(), "```", ""]
+        lines += [f"## Profile: {name}, top operators by self time over {PROFILE_CALLS} calls", ""]
+        lines += ["```", table.rstrip(), "```", ""]
     return "\n".join(lines)
 
 
