@@ -171,15 +171,23 @@ def relabel(
     return PyramidTargets(semantic, unity, ignore)
 
 
-def _cells(x: Tensor, height: int, width: int) -> Tensor:
-    """View [..., height*a, width*b] as [..., height, a, width, b]: one slot per coarse cell."""
-    return x.reshape(*x.shape[:-2], height, x.shape[-2] // height, width, x.shape[-1] // width)
+def _cells(x: Tensor, factor: int) -> Tensor:
+    """View [..., h*factor, w*factor] as [..., h, factor, w, factor]: one slot per coarse cell.
+
+    The factor is a plain int, so under torch.export the shapes stay simple multiples of the input
+    size (a factor computed from two symbolic sizes makes the export several times slower)."""
+    *lead, height, width = x.shape
+    return x.reshape(*lead, height // factor, factor, width // factor, factor)
+
+
+def _coarse_slots(x: Tensor) -> Tensor:
+    """View [..., h, w] as [..., h, 1, w, 1], to broadcast a coarse map over `_cells` of a finer one."""
+    return x[..., :, None, :, None]
 
 
 def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
     """Set to ignore every element of `target` under a True cell of the coarser `coarse_mask`."""
-    height, width = coarse_mask.shape[-2:]
-    masked = torch.where(_cells(coarse_mask, height, width), ignore, _cells(target, height, width))
+    masked = torch.where(_coarse_slots(coarse_mask), ignore, _cells(target, _factor(target, coarse_mask)))
     return masked.reshape(target.shape)
 
 
@@ -205,25 +213,23 @@ def fuse(
     # level's logits; the others take this level's. Each step works at its own level's resolution and
     # never materialises an upsampled copy, so the cost is about one pass over the finest logits.
     threshold = unity_logit_threshold(tau)
+    strides = level_strides(levels)
     fused = semantic_logits[0]
     level_map = torch.zeros(fused.shape[:1] + fused.shape[2:], dtype=torch.long, device=fused.device)
     decided = unity_logits[0].float() >= threshold
     for level in range(1, levels):
         logits = semantic_logits[level]
-        factor = _factor(logits, fused)
-        fused = _keep_decided(decided.unsqueeze(1), fused, logits)
+        factor = strides[level - 1] // strides[level]  # 2: each level halves the stride
+        fused = _keep_decided(decided.unsqueeze(1), fused, logits, factor)
         level_map = repeat_cells(level_map, factor).masked_fill(~repeat_cells(decided, factor), level)
         if level < levels - 1:
             decided = repeat_cells(decided, factor) | (unity_logits[level].float() >= threshold)
     return fused, level_map
 
 
-def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor) -> Tensor:
+def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor, factor: int) -> Tensor:
     """where(Up(decided), Up(coarse), fine) for nearest Up, via broadcasting views (no upsampled copy)."""
-    height, width = coarse.shape[-2:]
-    kept = torch.where(
-        _cells(decided, height, width), _cells(coarse, height, width), _cells(fine, height, width)
-    )
+    kept = torch.where(_coarse_slots(decided), _coarse_slots(coarse), _cells(fine, factor))
     return kept.reshape(fine.shape)
 
 
