@@ -28,10 +28,16 @@ def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[i
     return [finest_stride * 2 ** (num_levels - 1 - i) for i in range(num_levels)]
 
 
+def check_tau(tau: float, key: str = "model.tau") -> float:
+    """A unity threshold in (0, 1), as a float; `key` names the setting in the error."""
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"{key} must be in the open interval (0, 1), got {tau}")
+    return float(tau)
+
+
 def unity_logit_threshold(tau: float) -> float:
     """The logit z with sigmoid(z) == tau: "predicted unity >= tau" is "logit >= this"."""
-    if not 0.0 < tau < 1.0:
-        raise ValueError(f"model.tau must be in the open interval (0, 1), got {tau}")
+    tau = check_tau(tau)
     return math.log(tau / (1.0 - tau))
 
 
