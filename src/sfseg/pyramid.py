@@ -306,3 +306,29 @@ def unity_counts(
 def level_counts(level_map: Tensor, num_levels: int) -> Tensor:
     """How many finest cells each level resolves (the parsimony of the fused output). Shape [L]."""
     return torch.bincount(level_map.flatten(), minlength=num_levels)
+
+
+def unity_calibration_counts(
+    unity_logits: list[Tensor],
+    unity_targets: list[Tensor],
+    num_bins: int = 10,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reliability counts of the unity pyramid, over cells with a valid pixel: per unity level and
+    per bin of predicted unity probability (num_bins equal bins of [0, 1], the last one closed),
+    the cells [L-1, num_bins] (int64), the true unity cells among them [L-1, num_bins] (int64) and the
+    sum of their predicted probabilities [L-1, num_bins] (float64)."""
+    cells, unity, probability = [], [], []
+    for logits, target in zip(unity_logits, unity_targets, strict=True):
+        valid = target != ignore_index
+        predicted = torch.sigmoid(logits.float())[valid]
+        bins = (predicted * num_bins).long().clamp(max=num_bins - 1)
+        # One bincount gives both counts: slot 2b + 1 holds the unity cells of bin b, 2b the mix cells.
+        split = torch.bincount(2 * bins + (target[valid] == 1), minlength=2 * num_bins).view(num_bins, 2)
+        cells.append(split.sum(1))
+        unity.append(split[:, 1])
+        probability.append(torch.bincount(bins, weights=predicted.double(), minlength=num_bins))
+    if not cells:
+        empty = torch.zeros(0, num_bins, dtype=torch.long)
+        return empty, empty.clone(), empty.double()
+    return torch.stack(cells), torch.stack(unity), torch.stack(probability)

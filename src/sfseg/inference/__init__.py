@@ -13,7 +13,8 @@ passes here: whole image padded to the size divisor, sliding window, multi-scale
     pixels      fused_logits, level_predictions, upsample, pad_images, pad_to_divisor
     passes      InferenceSettings, image_logits, whole_logits, slide_logits, tta_probabilities
     loading     load, Predictor, Prediction, resolve_device, autocast
-    evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv
+    evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv, write_tau_sweep,
+                write_unity_calibration
     deployment  DeployedSegmenter, export_model, export_size, ExportedModel (ONNX / TorchScript files)
 """
 
@@ -24,7 +25,14 @@ from sfseg.inference.deployment import (
     export_model,
     export_size,
 )
-from sfseg.inference.evaluation import Evaluation, evaluate, per_class_table, write_per_class_csv
+from sfseg.inference.evaluation import (
+    Evaluation,
+    evaluate,
+    per_class_table,
+    write_per_class_csv,
+    write_tau_sweep,
+    write_unity_calibration,
+)
 from sfseg.inference.loading import Prediction, Predictor, autocast, load, resolve_device
 from sfseg.inference.passes import (
     InferenceSettings,
@@ -64,4 +72,6 @@ __all__ = [
     "whole_logits",
     "window_starts",
     "write_per_class_csv",
+    "write_tau_sweep",
+    "write_unity_calibration",
 ]
