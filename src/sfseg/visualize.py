@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
+from PIL import Image
 from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -320,3 +321,14 @@ def unity_calibration_figure(calibration: Mapping[str, Any]) -> plt.Figure:
     axes[0, 0].legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def palette_image(mask: np.ndarray, ids: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A class map [H, W] as a palette ("P") image: each pixel holds ids[class] (the class id itself or
+    the dataset's raw id), and palette entry ids[k] is class k's colour, every other entry black, so
+    that viewers show the coloured mask and tools read the ids."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[ids] = np.asarray(palette, dtype=np.uint8)[: len(ids)]
+    image = Image.fromarray(ids[mask].astype(np.uint8))
+    image.putpalette(colours.flatten().tolist())  # an "L" image with a palette becomes "P"
+    return image
