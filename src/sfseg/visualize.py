@@ -255,7 +255,7 @@ def tau_sweep_figure(rows: Sequence[Mapping[str, float]], checkpoint_tau: float)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("fused mIoU (%)")
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="best")
     fig.suptitle("The τ trade-off: accuracy against parsimony, from one network pass per image", fontsize=10)
     fig.tight_layout()
     return fig

@@ -43,11 +43,10 @@ class Evaluation:
     class_names: list[str]
     tau: float
     num_images: int
-    calibration: UnityCalibration | None = None
+    calibration: UnityCalibration
     sweep: TauSweepMetrics | None = None
-    seconds: dict[str, float] = field(
-        default_factory=dict
-    )  # "evaluation" (no data loading), "tau_sweep" (part of it)
+    # Measured time: "evaluation" (the loop without data loading) and "tau_sweep" (its re-fuses).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def scores(self) -> dict[str, Any]:
         """mIoU, pixel and mean accuracy, per-class IoU and accuracy keyed by class name."""
@@ -198,7 +197,7 @@ def evaluate(
                 pred = fused_pred if settings.fuse else finest_pred
             else:
                 pred = tta_probabilities(predictor.net, images, settings, tau).argmax(1)
-            prediction.update(pred, labels)
+        prediction.update(pred, labels)
     return Evaluation(
         prediction,
         pyramid,
