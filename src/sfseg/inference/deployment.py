@@ -97,7 +97,8 @@ def export_model(
     dynamic: bool = False,
     opset: int | None = None,
 ) -> ExportedModel:
-    """Write the predictor's network, fuse at `predictor.tau` included, as ONNX or TorchScript.
+    """Write the predictor's network, fuse at `predictor.tau` included, as ONNX or TorchScript. The
+    export runs on the CPU: the predictor's network is moved there.
 
     size: the example input [H, W]; the model's fixed input size unless `dynamic`, which leaves the batch,
     the height and the width free (ONNX; a TorchScript trace follows its input's size either way).
