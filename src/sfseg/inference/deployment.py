@@ -21,9 +21,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from sfseg.inference.loading import Predictor
-from sfseg.inference.passes import _pair
 from sfseg.inference.pixels import fused_logits, round_up
 from sfseg.models import PyramidSegmenter
 from sfseg.pyramid import FINEST_STRIDE
@@ -79,7 +78,7 @@ class ExportedModel:
 
 def export_size(size: int | Sequence[int], divisor: int) -> tuple[int, int]:
     """The export's example size (H, W), each a multiple of the model's size divisor."""
-    height, width = _pair(size, "size")
+    height, width = size_pair(size, "size")
     if height % divisor or width % divisor:
         raise ValueError(
             f"size=[{height}, {width}] must be a multiple of the model's size divisor {divisor} on both sides "
