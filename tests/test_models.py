@@ -22,6 +22,7 @@ from sfseg.models import (
     create_backbone,
 )
 from sfseg.models.context import PyramidPool
+from sfseg.models.layers import adaptive_avg_pool2d
 from sfseg.pyramid import build_targets, fuse, pyramid_loss
 
 SMALL = "hrnet_w18_small"
@@ -79,6 +80,13 @@ def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
     tokens = PyramidPool()(x)
     assert tokens.shape == (2, 5, 110)
     torch.testing.assert_close(tokens[:, :, 0], x.mean(dim=(2, 3)))  # the 1x1 bin is the global mean
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 7), (16, 24), (9, 128)])
+def test_adaptive_pooling_by_matrices_equals_torchs(size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    for bins in (1, 3, 6, 8):
+        torch.testing.assert_close(adaptive_avg_pool2d(x, bins), F.adaptive_avg_pool2d(x, bins))
 
 
 @pytest.mark.parametrize("num_levels", [1, 2, 4])

@@ -4,8 +4,11 @@ The model, its L, tau and classes come from the checkpoint (`sfseg.inference.loa
 whole-image or sliding-window (`eval.mode=slide`), optionally multi-scale + flip (`eval.scales`,
 `eval.flip`), from the fused output or the finest level only (`eval.fuse=false`, Table 8's "auxiliary
 supervision"). A single-scale whole-image pass of the fused pyramid also feeds the specialization
-analysis (Sec. 5.5). The eval folder (default `<training run>/eval`, see `default_eval_folder`) gets
-metrics.json, per_class.csv, specialization.json, table9.png and fig3.png.
+analysis (Sec. 5.5) and the unity pyramid's reliability diagrams; `eval.tau` overrides the checkpoint's
+tau, and `eval.tau_sweep=[...]` re-fuses that pass's pyramids at each tau (the tau trade-off). The eval
+folder (default `<training run>/eval`, see `default_eval_folder`) gets metrics.json, per_class.csv,
+specialization.json, table9.png, fig3.png, unity_calibration.json and .png, and with a sweep
+tau_sweep.csv, .md and .png.
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ from sfseg.inference import (
     per_class_table,
     resolve_device,
     write_per_class_csv,
+    write_tau_sweep,
+    write_unity_calibration,
 )
+from sfseg.pyramid import check_tau
 from sfseg.runs import checkpoint_run_folder, write_json
 from sfseg.visualize import fig3_figure, save_figure, table9_figure
 
 OUTPUT_FILES = ("metrics.json", "per_class.csv", "specialization.json", "table9.png", "fig3.png")
 
 
-def default_eval_folder(ckpt_path: str, mode: str, scales: Sequence[float], flip: bool, fuse: bool) -> str:
+def default_eval_folder(
+    ckpt_path: str, mode: str, scales: Sequence[float], flip: bool, fuse: bool, tau: float | None = None
+) -> str:
     """`<training run folder>/eval` plus a suffix per non-default setting (_slide, _ms, _flip,
-    _finest), so that e.g. Table 8's fused and finest-only results sit side by side."""
+    _finest, _tau<tau>), so that e.g. Table 8's fused and finest-only results sit side by side."""
     if not Path(ckpt_path).expanduser().is_file():  # before Hydra creates a run folder next to a typo
         raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     name = "eval"
@@ -45,6 +53,7 @@ def default_eval_folder(ckpt_path: str, mode: str, scales: Sequence[float], flip
     name += "_ms" if [float(scale) for scale in scales] != [1.0] else ""
     name += "_flip" if flip else ""
     name += "" if fuse else "_finest"
+    name += "" if tau is None else f"_tau{tau:g}"
     return str(checkpoint_run_folder(ckpt_path) / name)
 
 
@@ -59,16 +68,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.eval.device)
     autocast(device, cfg.eval.autocast)  # validates the key before the long part
     predictor = load(cfg.ckpt_path, device=device, autocast=cfg.eval.autocast)
+    checkpoint_tau = predictor.tau
+    if cfg.eval.tau is not None:
+        predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
+    taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
-    evaluation = evaluate(predictor, datamodule.val_dataloader(), settings)
+    evaluation = evaluate(
+        predictor,
+        datamodule.val_dataloader(),
+        settings,
+        tau_sweep=taus,
+        calibration_bins=cfg.eval.calibration_bins,
+    )
 
     scores = evaluation.scores()
     metrics = {
         **scores,
         "checkpoint": str(predictor.checkpoint.resolve()),
         "data": cfg.data._target_,
-        "inference": {**asdict(settings), "device": str(predictor.device), "autocast": predictor.autocast},
+        "inference": {
+            **asdict(settings),
+            "device": str(predictor.device),
+            "autocast": predictor.autocast,
+            "tau": predictor.tau,
+            "checkpoint_tau": checkpoint_tau,
+        },
     }
     specialization = evaluation.specialization()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -77,12 +102,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "specialization.json", specialization)
     save_figure(table9_figure(specialization), out_dir / "table9.png")
     save_figure(fig3_figure(specialization), out_dir / "fig3.png")
+    written = [out_dir / name for name in OUTPUT_FILES]
+    written += write_unity_calibration(out_dir, evaluation)
+    if taus:
+        written += write_tau_sweep(out_dir, evaluation, checkpoint_tau)
 
     print("\n" + per_class_table(scores))
-    print(f"\n{evaluation.num_images} images, {settings.describe()}")
-    for name in OUTPUT_FILES:
-        print(f"  {out_dir / name}")
+    print(f"\n{evaluation.num_images} images, {settings.describe()}, tau={predictor.tau:g}")
+    if taus:
+        print("\n" + (out_dir / "tau_sweep.md").read_text())
+    for path in written:
+        print(f"  {path}")
     return metrics
+
+
+def sweep_taus(tau_sweep: Sequence[float], checkpoint_tau: float) -> list[float]:
+    """eval.tau_sweep's taus and the checkpoint's own (to mark it), sorted; [] for no sweep."""
+    if not OmegaConf.is_list(tau_sweep) and not isinstance(tau_sweep, list | tuple):
+        raise ValueError(f"eval.tau_sweep must be a list of taus, e.g. [0.5,0.7,0.9], got {tau_sweep!r}")
+    if not tau_sweep:
+        return []
+    return sorted({*(check_tau(tau, "eval.tau_sweep") for tau in tau_sweep), checkpoint_tau})
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -30,10 +30,16 @@ def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[i
     return [finest_stride * 2 ** (num_levels - 1 - i) for i in range(num_levels)]
 
 
+def check_tau(tau: float, key: str = "model.tau") -> float:
+    """A unity threshold in (0, 1), as a float; `key` names the setting in the error."""
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"{key} must be in the open interval (0, 1), got {tau}")
+    return float(tau)
+
+
 def unity_logit_threshold(tau: float) -> float:
     """The logit z with sigmoid(z) == tau: "predicted unity >= tau" is "logit >= this"."""
-    if not 0.0 < tau < 1.0:
-        raise ValueError(f"model.tau must be in the open interval (0, 1), got {tau}")
+    tau = check_tau(tau)
     return math.log(tau / (1.0 - tau))
 
 
@@ -173,15 +179,23 @@ def relabel(
     return PyramidTargets(semantic, unity, ignore)
 
 
-def _cells(x: Tensor, height: int, width: int) -> Tensor:
-    """View [..., height*a, width*b] as [..., height, a, width, b]: one slot per coarse cell."""
-    return x.reshape(*x.shape[:-2], height, x.shape[-2] // height, width, x.shape[-1] // width)
+def _cells(x: Tensor, factor: int) -> Tensor:
+    """View [..., h*factor, w*factor] as [..., h, factor, w, factor]: one slot per coarse cell.
+
+    The factor is a plain int, so under torch.export the shapes stay simple multiples of the input
+    size (a factor computed from two symbolic sizes makes the export several times slower)."""
+    *lead, height, width = x.shape
+    return x.reshape(*lead, height // factor, factor, width // factor, factor)
+
+
+def _coarse_slots(x: Tensor) -> Tensor:
+    """View [..., h, w] as [..., h, 1, w, 1], to broadcast a coarse map over `_cells` of a finer one."""
+    return x[..., :, None, :, None]
 
 
 def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
     """Set to ignore every element of `target` under a True cell of the coarser `coarse_mask`."""
-    height, width = coarse_mask.shape[-2:]
-    masked = torch.where(_cells(coarse_mask, height, width), ignore, _cells(target, height, width))
+    masked = torch.where(_coarse_slots(coarse_mask), ignore, _cells(target, _factor(target, coarse_mask)))
     return masked.reshape(target.shape)
 
 
@@ -207,25 +221,23 @@ def fuse(
     # level's logits; the others take this level's. Each step works at its own level's resolution and
     # never materialises an upsampled copy, so the cost is about one pass over the finest logits.
     threshold = unity_logit_threshold(tau)
+    strides = level_strides(levels)
     fused = semantic_logits[0]
     level_map = torch.zeros(fused.shape[:1] + fused.shape[2:], dtype=torch.long, device=fused.device)
     decided = unity_logits[0].float() >= threshold
     for level in range(1, levels):
         logits = semantic_logits[level]
-        factor = _factor(logits, fused)
-        fused = _keep_decided(decided.unsqueeze(1), fused, logits)
+        factor = strides[level - 1] // strides[level]  # 2: each level halves the stride
+        fused = _keep_decided(decided.unsqueeze(1), fused, logits, factor)
         level_map = repeat_cells(level_map, factor).masked_fill(~repeat_cells(decided, factor), level)
         if level < levels - 1:
             decided = repeat_cells(decided, factor) | (unity_logits[level].float() >= threshold)
     return fused, level_map
 
 
-def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor) -> Tensor:
+def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor, factor: int) -> Tensor:
     """where(Up(decided), Up(coarse), fine) for nearest Up, via broadcasting views (no upsampled copy)."""
-    height, width = coarse.shape[-2:]
-    kept = torch.where(
-        _cells(decided, height, width), _cells(coarse, height, width), _cells(fine, height, width)
-    )
+    kept = torch.where(_coarse_slots(decided), _coarse_slots(coarse), _cells(fine, factor))
     return kept.reshape(fine.shape)
 
 
@@ -379,3 +391,29 @@ def unity_counts(
 def level_counts(level_map: Tensor, num_levels: int) -> Tensor:
     """How many finest cells each level resolves (the parsimony of the fused output). Shape [L]."""
     return torch.bincount(level_map.flatten(), minlength=num_levels)
+
+
+def unity_calibration_counts(
+    unity_logits: list[Tensor],
+    unity_targets: list[Tensor],
+    num_bins: int = 10,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reliability counts of the unity pyramid, over cells with a valid pixel: per unity level and
+    per bin of predicted unity probability (num_bins equal bins of [0, 1], the last one closed),
+    the cells [L-1, num_bins] (int64), the true unity cells among them [L-1, num_bins] (int64) and the
+    sum of their predicted probabilities [L-1, num_bins] (float64)."""
+    cells, unity, probability = [], [], []
+    for logits, target in zip(unity_logits, unity_targets, strict=True):
+        valid = target != ignore_index
+        predicted = torch.sigmoid(logits.float())[valid]
+        bins = (predicted * num_bins).long().clamp(max=num_bins - 1)
+        # One bincount gives both counts: slot 2b + 1 holds the unity cells of bin b, 2b the mix cells.
+        split = torch.bincount(2 * bins + (target[valid] == 1), minlength=2 * num_bins).view(num_bins, 2)
+        cells.append(split.sum(1))
+        unity.append(split[:, 1])
+        probability.append(torch.bincount(bins, weights=predicted.double(), minlength=num_bins))
+    if not cells:
+        empty = torch.zeros(0, num_bins, dtype=torch.long)
+        return empty, empty.clone(), empty.double()
+    return torch.stack(cells), torch.stack(unity), torch.stack(probability)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch, Rectangle
+from PIL import Image
 from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -327,3 +328,113 @@ def statistics_figure(
         unity_ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def tau_sweep_figure(rows: Sequence[Mapping[str, float]], checkpoint_tau: float) -> plt.Figure:
+    """The tau trade-off of one checkpoint: fused mIoU against the labels the fused map needs per image
+    (left) and against the share of finest cells taken from coarser levels (right), one point per tau,
+    the checkpoint's own tau starred. Lower tau: coarse levels claim more cells, fewer labels."""
+    levels = sum(key.startswith("share_level") for key in rows[0])
+    miou = np.array([percent(row["mIoU"]) for row in rows])
+    axes_values = (
+        ("labels needed per image", np.array([row["labels_per_image"] for row in rows])),
+        (
+            "finest cells taken from coarser levels (%)",
+            np.array([100 * (1 - row[f"share_level{levels}"]) for row in rows]),
+        ),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (label, values) in zip(axes, axes_values, strict=True):
+        ax.plot(values, miou, marker="o", color="tab:blue")
+        for row, x, y in zip(rows, values, miou, strict=True):
+            ax.annotate(f"τ={row['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        mine = [index for index, row in enumerate(rows) if row["tau"] == checkpoint_tau]
+        ax.scatter(
+            values[mine],
+            miou[mine],
+            marker="*",
+            s=220,
+            color="tab:red",
+            zorder=3,
+            label=f"the checkpoint's τ={checkpoint_tau:g}",
+        )
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fused mIoU (%)")
+    axes[0].legend(fontsize=8, loc="best")
+    fig.suptitle("The τ trade-off: accuracy against parsimony, from one network pass per image", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def unity_calibration_figure(calibration: Mapping[str, Any]) -> plt.Figure:
+    """Reliability diagrams of the unity pyramid, one column per unity level: per bin of predicted unity
+    probability, the observed share of true unity cells (bars) against the diagonal of a calibrated
+    predictor, the bin's mean prediction (dots), tau (dashed) and the ECE; below, how the cells spread
+    over the bins. Bars under the diagonal: the level claims unity more often than it holds."""
+    levels = calibration["levels"]
+    edges = np.asarray(calibration["bin_edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    fig, axes = plt.subplots(
+        2,
+        max(len(levels), 1),
+        figsize=(3.2 * max(len(levels), 1), 4.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": (3, 1)},
+        sharex=True,
+    )
+    if not levels:
+        axes[0, 0].text(0.5, 0.5, "L=1: no unity pyramid", ha="center", va="center")
+    colours = level_palette(len(levels) + 1)
+    for column, (name, level) in enumerate(levels.items()):
+        top, bottom = axes[0, column], axes[1, column]
+        colour = np.asarray(colours[column]) / 255
+        observed = np.array([math.nan if value is None else value for value in level["observed"]])
+        predicted = np.array([math.nan if value is None else value for value in level["mean_predicted"]])
+        top.bar(
+            centres,
+            np.nan_to_num(observed),
+            width=width,
+            color=colour,
+            alpha=0.7,
+            edgecolor="black",
+            linewidth=0.5,
+            label="observed unity share",
+        )
+        top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+        top.plot(predicted, observed, "o", color="black", markersize=3, label="mean prediction")
+        top.axvline(
+            calibration["tau"],
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label=f"τ={calibration['tau']:g}",
+        )
+        ece = level["ece"]
+        ece_text = "-" if ece is None or math.isnan(ece) else f"{100 * ece:.1f}%"
+        top.set_title(
+            f"unity, level {name.removeprefix('level')} (s={level['stride']}): ECE {ece_text}", fontsize=9
+        )
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        cells = np.asarray(level["cells"], dtype=float)
+        bottom.bar(
+            centres, cells / max(cells.sum(), 1), width=width, color=colour, edgecolor="black", linewidth=0.5
+        )
+        bottom.set_xlabel("predicted unity probability", fontsize=8)
+    axes[0, 0].set_ylabel("share of true unity cells")
+    axes[1, 0].set_ylabel("share of cells")
+    axes[0, 0].legend(fontsize=6, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def palette_image(mask: np.ndarray, ids: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A class map [H, W] as a palette ("P") image: each pixel holds ids[class] (the class id itself or
+    the dataset's raw id), and palette entry ids[k] is class k's colour, every other entry black, so
+    that viewers show the coloured mask and tools read the ids."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[ids] = np.asarray(palette, dtype=np.uint8)[: len(ids)]
+    image = Image.fromarray(ids[mask].astype(np.uint8))
+    image.putpalette(colours.flatten().tolist())  # an "L" image with a palette becomes "P"
+    return image

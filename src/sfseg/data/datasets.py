@@ -107,6 +107,13 @@ class Layout:
     def lut(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
         return label_lut(self.raw_to_class, self.ignore_raw, ignore_index)
 
+    def raw_ids(self) -> np.ndarray:
+        """The inverse of `raw_to_class`: uint8 [C], the dataset's own label value of each class id, as
+        its annotations and its benchmark use them (ADE20K: class k -> k + 1, 0 stays "other")."""
+        raw_ids = np.zeros(len(self.classes), dtype=np.uint8)
+        raw_ids[list(self.raw_to_class.values())] = list(self.raw_to_class)
+        return raw_ids
+
     def describe_raw_values(self) -> str:
         return describe_values([*self.raw_to_class, *self.ignore_raw])
 

@@ -13,10 +13,26 @@ passes here: whole image padded to the size divisor, sliding window, multi-scale
     pixels      fused_logits, level_predictions, upsample, pad_images, pad_to_divisor
     passes      InferenceSettings, image_logits, whole_logits, slide_logits, tta_probabilities
     loading     load, Predictor, Prediction, resolve_device, autocast
-    evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv
+    evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv, write_tau_sweep,
+                write_unity_calibration
+    deployment  DeployedSegmenter, export_model, export_size, ExportedModel (ONNX / TorchScript files)
 """
 
-from sfseg.inference.evaluation import Evaluation, evaluate, per_class_table, write_per_class_csv
+from sfseg.inference.deployment import (
+    EXPORT_FORMATS,
+    DeployedSegmenter,
+    ExportedModel,
+    export_model,
+    export_size,
+)
+from sfseg.inference.evaluation import (
+    Evaluation,
+    evaluate,
+    per_class_table,
+    write_per_class_csv,
+    write_tau_sweep,
+    write_unity_calibration,
+)
 from sfseg.inference.loading import Prediction, Predictor, autocast, load, resolve_device
 from sfseg.inference.passes import (
     InferenceSettings,
@@ -30,12 +46,17 @@ from sfseg.inference.passes import (
 from sfseg.inference.pixels import fused_logits, level_predictions, pad_images, pad_to_divisor, upsample
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "DeployedSegmenter",
     "Evaluation",
+    "ExportedModel",
     "InferenceSettings",
     "Prediction",
     "Predictor",
     "autocast",
     "evaluate",
+    "export_model",
+    "export_size",
     "fused_logits",
     "image_logits",
     "level_predictions",
@@ -51,4 +72,6 @@ __all__ = [
     "whole_logits",
     "window_starts",
     "write_per_class_csv",
+    "write_tau_sweep",
+    "write_unity_calibration",
 ]

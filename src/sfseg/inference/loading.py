@@ -19,6 +19,7 @@ from torch import Tensor
 from sfseg.analysis import pixel_levels
 from sfseg.data.classes import palette_for
 from sfseg.data.datamodule import SegmentationDataModule
+from sfseg.data.real import training_layout
 from sfseg.data.transforms import val_transform
 from sfseg.inference.passes import image_logits, whole_logits
 from sfseg.inference.pixels import fused_logits, pad_to_divisor
@@ -28,6 +29,8 @@ from sfseg.runs import run_data_config
 from sfseg.visualize import pyramid_figure
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a written mask holds per class: its 0-based class id, or the dataset's own label value.
+LABEL_IDS = ("class", "raw")
 # What every sfseg checkpoint's hyper_parameters hold (SpecializeAndFuseModule's arguments).
 REQUIRED_HPARAMS = ("num_classes", "backbone", "context", "levels", "tau")
 
@@ -148,6 +151,23 @@ class Predictor:
             tau=self.tau,
             ignore_index=self.ignore_index,
         )
+
+    def label_ids(self, ids: str = "class", key: str = "ids") -> np.ndarray:
+        """uint8 [C]: the value a mask file holds for each class. `class`: the 0-based class id; `raw`:
+        the training dataset's own label value (ADE20K 1..150 with 0 = other, COCO-Stuff and
+        Pascal-Context by their label tables), as their benchmarks read them."""
+        if ids not in LABEL_IDS:
+            raise ValueError(f"{key}={ids!r} is not one of {', '.join(LABEL_IDS)}")
+        if ids == "class":
+            return np.arange(self.num_classes, dtype=np.uint8)
+        target = self.data_config.data.get("_target_") if self.data_config is not None else None
+        layout = training_layout(target, self.class_names)
+        if layout is None:
+            raise ValueError(
+                f"{key}=raw: the checkpoint was not trained on a dataset with its own label ids (ADE20K, "
+                f"COCO-Stuff, Pascal-Context); its class ids 0..{self.num_classes - 1} are the only ids: use {key}=class"
+            )
+        return layout.raw_ids()
 
     def datamodule(self, cfg: DictConfig | None = None) -> SegmentationDataModule:
         """The validation data: `cfg.data` (an eval config), else the checkpoint's training run's."""

@@ -7,7 +7,6 @@ levels' per-cell work there only. The fused logits and level map are the dense p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sfseg.data.transforms import size_pair
 from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor, upsample
 
 EVAL_MODES = ("whole", "slide")
-
-
-def _pair(value: int | Sequence[int], key: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(side) for side in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{key} must be a positive int or [H, W], got {value}")
-    return pair
 
 
 @dataclass(frozen=True)
@@ -56,8 +49,8 @@ class InferenceSettings:
     def from_config(cls, cfg: Any) -> InferenceSettings:
         return cls(
             mode=cfg.mode,
-            crop_size=_pair(cfg.crop_size, "eval.crop_size"),
-            stride=_pair(cfg.stride, "eval.stride"),
+            crop_size=size_pair(cfg.crop_size, "eval.crop_size"),
+            stride=size_pair(cfg.stride, "eval.stride"),
             scales=tuple(float(scale) for scale in cfg.scales),
             flip=bool(cfg.flip),
             fuse=bool(cfg.fuse),

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfseg.models.layers import conv_bn_relu
+from sfseg.models.layers import adaptive_avg_pool2d, conv_bn_relu
 
 PYRAMID_POOL_BINS = (1, 3, 6, 8)
 
@@ -58,7 +58,7 @@ class PyramidPool(nn.Module):
         self.bins = tuple(bins)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([F.adaptive_avg_pool2d(x, b).flatten(2) for b in self.bins], dim=2)
+        return torch.cat([adaptive_avg_pool2d(x, b).flatten(2) for b in self.bins], dim=2)
 
 
 def conv_bn_relu_of_pair(block: nn.Sequential, first: Tensor, second: Tensor) -> Tensor:
