@@ -46,6 +46,7 @@ def predict_config(checkpoint: Path, input_path: Path, output: Path, ids: str = 
             "input": str(input_path),
             "output": str(output),
             "fuse": True,
+            "sparse_inference": True,
             "alpha": 0.5,
             "device": "cpu",
             "autocast": None,

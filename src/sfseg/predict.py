@@ -51,7 +51,9 @@ def run(cfg: DictConfig) -> int:
     files = input_files(input_path)
     device = resolve_device(cfg.device, "device")
     autocast(device, cfg.autocast, "autocast")  # validates the key before loading
-    predictor = load(cfg.ckpt_path, device=device, autocast=cfg.autocast)
+    predictor = load(
+        cfg.ckpt_path, device=device, autocast=cfg.autocast, sparse_inference=cfg.sparse_inference
+    )
     ids = predictor.label_ids(cfg.ids)
     output = Path(cfg.output).expanduser()
     output.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ index L-1 is level L. Level l has stride s_l = 4 * 2^(L-l); level L has the back
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -238,6 +239,33 @@ def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor, factor: int) ->
     """where(Up(decided), Up(coarse), fine) for nearest Up, via broadcasting views (no upsampled copy)."""
     kept = torch.where(_coarse_slots(decided), _coarse_slots(coarse), _cells(fine, factor))
     return kept.reshape(fine.shape)
+
+
+def kept_cells(
+    unity_logits: list[Tensor],
+    finest_shape: Sequence[int],
+    tau: float = 0.9,
+    device: torch.device | None = None,
+) -> list[Tensor]:
+    """Eq. 2 as masks: per level, coarse to fine, the cells [B, h_l, w_l] whose semantic logits the fuse
+    keeps, i.e. no coarser level decided them (predicted unity >= tau) and their own unity is >= tau
+    (level L: every cell no coarser level decided). Every finest cell lies under exactly one kept cell,
+    and the level map is l exactly under the kept cells of level l. finest_shape: [B, h_L, w_L]."""
+    threshold = unity_logit_threshold(tau)
+    kept: list[Tensor] = []
+    undecided: Tensor | None = None  # cells no coarser level decided, at the current level's resolution
+    for logits in unity_logits:
+        accept = logits.float() >= threshold
+        if undecided is not None:
+            undecided = repeat_cells(undecided, _factor(accept, undecided))
+            accept &= undecided
+        kept.append(accept)
+        undecided = ~accept if undecided is None else undecided & ~accept
+    if undecided is None:
+        kept.append(torch.ones(tuple(finest_shape), dtype=torch.bool, device=device))
+    else:
+        kept.append(repeat_cells(undecided, finest_shape[-1] // undecided.shape[-1]))
+    return kept
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,7 @@ class Predictor:
     palette: list[tuple[int, int, int]] = field(default_factory=list)
     checkpoint: Path | None = None
     data_config: DictConfig | None = None  # the checkpoint's training run config, when it has one
+    sparse_inference: bool = True  # predict/logits compute each level only where the fuse keeps it
 
     def __post_init__(self) -> None:
         autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
@@ -107,7 +108,11 @@ class Predictor:
         images = torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).to(self.device)
         with self.autocast_context():
             logits, level_map = image_logits(
-                self.net, pad_to_divisor(images, self.net.size_divisor), self.tau, fuse_levels
+                self.net,
+                pad_to_divisor(images, self.net.size_divisor),
+                self.tau,
+                fuse_levels,
+                self.sparse_inference,
             )
         levels = pixel_levels(level_map, logits.shape[-2:])
         return Prediction(
@@ -119,7 +124,9 @@ class Predictor:
     def logits(self, images: Tensor, fuse_levels: bool = True) -> Tensor:
         """Fused logits [B, C, H, W] of a normalised image batch of any size (padded and cropped back)."""
         with self.autocast_context():
-            return whole_logits(self.net, images.to(self.device), self.tau, fuse_levels)
+            return whole_logits(
+                self.net, images.to(self.device), self.tau, fuse_levels, self.sparse_inference
+            )
 
     @torch.inference_mode()
     def pyramid_figure(self, images: Tensor, labels: Tensor) -> plt.Figure:
@@ -174,11 +181,15 @@ class Predictor:
 
 
 def load(
-    ckpt_path: str | Path, device: str | torch.device = "auto", autocast: str | None = None
+    ckpt_path: str | Path,
+    device: str | torch.device = "auto",
+    autocast: str | None = None,
+    sparse_inference: bool = True,
 ) -> Predictor:
     """The Predictor of an sfseg checkpoint (a `make train` / `python -m sfseg.train` .ckpt).
 
     The backbone's pretrained weights are not fetched: the checkpoint holds every weight.
+    sparse_inference=False computes every level at every cell in `predict` and `logits` (same output).
     """
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
@@ -213,6 +224,7 @@ def load(
         ignore_index=int(hparams.get("ignore_index", IGNORE_INDEX)),
         checkpoint=path,
         data_config=run_data_config(path),
+        sparse_inference=sparse_inference,
     )
 
 

@@ -1,5 +1,9 @@
 """Inference passes over normalised image batches: whole image (padded to the model's size divisor
-and cropped back), sliding window, and multi-scale + flip (softmax averaged at the original size)."""
+and cropped back), sliding window, and multi-scale + flip (softmax averaged at the original size).
+
+Each pass is sparse by default (`sparse=True`, `eval.sparse_inference`): the fused output only needs
+each level's logits where the fuse keeps them, so `PyramidSegmenter.sparse_forward` computes the
+levels' per-cell work there only. The fused logits and level map are the dense path's."""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class InferenceSettings:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     fuse: bool = True
+    sparse: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in EVAL_MODES:
@@ -49,6 +54,7 @@ class InferenceSettings:
             scales=tuple(float(scale) for scale in cfg.scales),
             flip=bool(cfg.flip),
             fuse=bool(cfg.fuse),
+            sparse=bool(cfg.sparse_inference),
         )
 
     @property
@@ -62,21 +68,33 @@ class InferenceSettings:
             mode += f" {list(self.crop_size)} windows every {list(self.stride)}"
         flip = "flip" if self.flip else "no flip"
         output = "fused" if self.fuse else "finest level only"
+        if self.fuse:
+            output += ", sparse" if self.sparse else ", dense"
         return f"{mode}, scales {list(self.scales)}, {flip}, {output}"
 
 
 def image_logits(
-    net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True
+    net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True, sparse: bool = True
 ) -> tuple[Tensor, Tensor]:
     """One forward of `net` (a PyramidSegmenter) on images whose size it accepts: the fused logits at
-    the image size [B, C, H, W] and the level map [B, h_L, w_L]."""
-    return fused_logits(net(images), images.shape[-2:], tau, fuse_levels)
+    the image size [B, C, H, W] and the level map [B, h_L, w_L].
+
+    sparse: compute each level only where the fuse keeps it (`sparse_forward`), same result. The
+    finest-only output (fuse_levels=False) and nets without a sparse forward run dense.
+    """
+    if sparse and fuse_levels and hasattr(net, "sparse_forward"):
+        out = net.sparse_forward(images, tau)
+    else:
+        out = net(images)
+    return fused_logits(out, images.shape[-2:], tau, fuse_levels)
 
 
-def whole_logits(net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True) -> Tensor:
+def whole_logits(
+    net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True, sparse: bool = True
+) -> Tensor:
     """Logits [B, C, H, W] of the whole image, padded to the model's size divisor and cropped back."""
     height, width = images.shape[-2:]
-    logits, _ = image_logits(net, pad_to_divisor(images, net.size_divisor), tau, fuse_levels)
+    logits, _ = image_logits(net, pad_to_divisor(images, net.size_divisor), tau, fuse_levels, sparse)
     return logits[..., :height, :width]
 
 
@@ -93,6 +111,7 @@ def slide_logits(
     stride: tuple[int, int],
     tau: float,
     fuse_levels: bool = True,
+    sparse: bool = True,
 ) -> Tensor:
     """Logits [B, C, H, W] averaged over crop_size windows every `stride` pixels; an image smaller
     than a window is padded to it. Each window is predicted whole (fused within the window)."""
@@ -108,7 +127,7 @@ def slide_logits(
     for top in window_starts(padded.shape[-2], crop_h, step_h):
         for left in window_starts(padded.shape[-1], crop_w, step_w):
             window = padded[..., top : top + crop_h, left : left + crop_w]
-            logits, _ = image_logits(net, window, tau, fuse_levels)
+            logits, _ = image_logits(net, window, tau, fuse_levels, sparse)
             if total is None:
                 total = logits.new_zeros(logits.shape[:2] + padded.shape[-2:])
             total[..., top : top + crop_h, left : left + crop_w] += logits
@@ -119,8 +138,10 @@ def slide_logits(
 def predict_logits(net: nn.Module, images: Tensor, settings: InferenceSettings, tau: float) -> Tensor:
     """Logits [B, C, H, W] at the images' own size, whole or sliding-window as `settings.mode` says."""
     if settings.mode == "slide":
-        return slide_logits(net, images, settings.crop_size, settings.stride, tau, settings.fuse)
-    return whole_logits(net, images, tau, settings.fuse)
+        return slide_logits(
+            net, images, settings.crop_size, settings.stride, tau, settings.fuse, settings.sparse
+        )
+    return whole_logits(net, images, tau, settings.fuse, settings.sparse)
 
 
 def tta_probabilities(net: nn.Module, images: Tensor, settings: InferenceSettings, tau: float) -> Tensor:

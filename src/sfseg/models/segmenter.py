@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sfseg.models.backbones import create_backbone
 from sfseg.models.heads import SemanticHead, UnityHead
-from sfseg.pyramid import level_strides
+from sfseg.pyramid import FINEST_STRIDE, kept_cells, level_strides
 
 
 @dataclass
@@ -74,6 +74,31 @@ class PyramidSegmenter(nn.Module):
         )
 
     def forward(self, images: Tensor) -> PyramidOutput:
+        self._check_size(images)
+        features = self.backbone(images)
+        unity = self.unity_head(features) if self.unity_head is not None else []
+        semantic, auxiliary = self.semantic_head(features)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+
+    def sparse_forward(self, images: Tensor, tau: float) -> PyramidOutput:
+        """The pyramids as Eq. 2's fuse at `tau` reads them, computing each level's per-cell semantic
+        work only at the cells the fuse keeps (`pyramid.kept_cells`): fuse(sparse_forward(x, tau), tau)
+        equals fuse(forward(x), tau) (up to float rounding; the level map exactly). The semantic maps
+        are zero at every other cell, so they are not the levels' own predictions. Inference only."""
+        if self.training:
+            raise RuntimeError("sparse_forward is for inference: call .eval() first (batch norm statistics)")
+        self._check_size(images)
+        features = self.backbone(images)
+        unity = self.unity_head(features) if self.unity_head is not None else []
+        projected, auxiliary = self.semantic_head.context_inputs(features)
+        del features  # both heads have read it
+        batch, _, height, width = images.shape
+        finest = (batch, height // FINEST_STRIDE, width // FINEST_STRIDE)
+        kept = kept_cells(unity, finest, tau, images.device)
+        semantic = self.semantic_head.sparse_forward(projected, kept, auxiliary)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+
+    def _check_size(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
         if height % self.size_divisor or width % self.size_divisor:
             raise ValueError(
@@ -81,7 +106,3 @@ class PyramidSegmenter(nn.Module):
                 f"pyramid stride {level_strides(self.num_levels)[0]} (model.levels={self.num_levels}) and "
                 f"the backbone's coarsest stage stride {self.backbone.size_divisor}; pad inputs to a multiple"
             )
-        features = self.backbone(images)
-        unity = self.unity_head(features) if self.unity_head is not None else []
-        semantic, auxiliary = self.semantic_head(features)
-        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
