@@ -20,6 +20,11 @@ from tests.test_eval import train_tiny_checkpoint
 # The tiny checkpoint is barely trained: at its own tau (0.9) no coarse cell is decided. At 0.5 the
 # level maps mix all four levels, so the comparison checks the fuse inside the graph.
 SWEEP_TAU = 0.5
+# onnxruntime's extended graph optimisations (FusedMatMul, FusedConv) move the tiny model's coarsest
+# logits (scale 0.4) by up to 5e-4, and its logits are nearly flat: its default session flips the argmax
+# at a few near-ties. The graph as exported (basic optimisations: constant folding) agrees with torch to
+# 1e-6 and gives the predictor's masks exactly.
+AS_EXPORTED = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,12 @@ def test_dynamic_onnx_gives_the_predictors_masks_and_level_maps_at_any_size(
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [value.name for value in session.get_inputs()] == ["image"]
     assert [value.name for value in session.get_outputs()] == ["mask", "level_map"]
-    predictor = load(checkpoint, device="cpu")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = AS_EXPORTED
+    as_exported = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # The exported graph is the dense path (every level at every cell); the sparse one agrees with it up
+    # to argmax near-ties (tests/test_sparse.py), so the reference here is the dense Predictor.
+    predictor = load(checkpoint, device="cpu", sparse_inference=False)
     predictor.tau = SWEEP_TAU
     levels_seen: set[int] = set()
     # The export size with another batch, then other sizes (one image, and a small one).
@@ -81,8 +91,11 @@ def test_dynamic_onnx_gives_the_predictors_masks_and_level_maps_at_any_size(
         assert mask.dtype == level_map.dtype == np.int64
         assert mask.shape == (batch, height, width) and level_map.shape == (batch, height // 4, width // 4)
         expected_mask, expected_levels = predicted(predictor, rgb)
-        np.testing.assert_array_equal(mask, expected_mask)
         np.testing.assert_array_equal(level_map, expected_levels)
+        assert (mask == expected_mask).mean() > 0.99
+        exact_mask, exact_levels = as_exported.run(None, {"image": as_input(rgb)})
+        np.testing.assert_array_equal(exact_mask, expected_mask)
+        np.testing.assert_array_equal(exact_levels, expected_levels)
         levels_seen |= set(np.unique(level_map).tolist())
     assert levels_seen == {0, 1, 2, 3}  # every level of the fuse was taken somewhere
 
@@ -106,7 +119,7 @@ def test_torchscript_bakes_in_the_checkpoints_tau_and_follows_the_input_size(
     assert path == checkpoint.parent.parent / "export" / "model_64x64.pt"  # next to the training run
     assert "tau=0.9 (the checkpoint's)" in printed
     module = torch.jit.load(str(path))
-    predictor = load(checkpoint, device="cpu")
+    predictor = load(checkpoint, device="cpu", sparse_inference=False)  # the traced path is the dense one
     for seed, (batch, height, width) in enumerate([(2, 64, 64), (1, 32, 96)]):
         rgb = images(batch, height, width, seed)
         with torch.no_grad():
