@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
+def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_run: Path) -> None:
     # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
     main(
         [
@@ -45,6 +45,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
             "--out",
             str(tmp_path),
             "--profile",
+            "--ckpt",
+            str(trained_run / "checkpoints" / "last.ckpt"),
             "--variants",
             ",".join(QUICK_VARIANTS),
         ]
