@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfseg.bench import MODEL_VARIANTS, QUICK, checkpoint_level_shares, main, model_cases
+from sfseg.bench import MODEL_VARIANTS, QUICK, checkpoint_level_shares, main, model_cases, parse_variants
 from tests.test_eval import train_tiny_checkpoint
 
 # ratio key -> the value it divides by FCN's
 RATIOS = {"latency_ratio": "latency_ms", "memory_ratio": "memory_mb", "gmacs_ratio": "gmacs"}
 TRAIN_RATIOS = {"train_step_ratio": "train_step_ms", "train_memory_ratio": "train_memory_mb"}
+# The quick run's rows (fcn joins by itself): one L=4 context of the issue-9 rows, to keep it short,
+# and the OCR / CCNet rows, single-output (L=1) and pyramid.
+QUICK_VARIANTS = ("sf_c2f", "ocr", "ccnet", "sf_ocr", "sf_ccnet")
+SINGLE_OUTPUT = ("ocr", "ccnet")
 
 
 @pytest.fixture
@@ -31,9 +35,22 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
-def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
+def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_run: Path) -> None:
     # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(["--quick", "--threads", "1", "--out", str(tmp_path), "--profile"])
+    main(
+        [
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--profile",
+            "--ckpt",
+            str(trained_run / "checkpoints" / "last.ckpt"),
+            "--variants",
+            ",".join(QUICK_VARIANTS),
+        ]
+    )
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
@@ -41,6 +58,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
     assert results["meta"]["threads"] == 1
     assert results["meta"]["quick"] is True
     assert len(results["meta"]["load_average"]) == 2
+    assert results["models"]["variants"] == ["fcn", *QUICK_VARIANTS]
     for key in ("targets", "fuse"):
         row = results[key]
         assert {"operation", "baseline", "shape", "time_ms", "baseline_ms", "ratio"} <= set(row)
@@ -55,8 +73,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
         [trained[f"share_level{level}"] for level in range(1, 5)]
     )
     rows = {row["case"]: row for row in models["rows"]}
-    sparse = [f"{variant}@{share}" for share in (*QUICK.shares, "ckpt") for variant in MODEL_VARIANTS[1:]]
-    assert sorted(rows) == sorted([*MODEL_VARIANTS, *sparse])
+    pyramids = [variant for variant in QUICK_VARIANTS if variant not in SINGLE_OUTPUT]
+    sparse = [f"{variant}@{share}" for share in (*QUICK.shares, "ckpt") for variant in pyramids]
+    # The single-output rows are dense only.
+    assert sorted(rows) == sorted(["fcn", *QUICK_VARIANTS, *sparse])
     fcn = rows["fcn"]
     for name, row in rows.items():
         assert row["latency_ms"] > 0 and row["memory_mb"] > 0 and row["gmacs"] > 0 and row["params_m"] > 0
@@ -74,14 +94,19 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
             # Sparse runs fewer multiply-accumulates than the same variant dense.
             assert row["gmacs"] < rows[row["variant"]]["gmacs"]
     assert fcn["latency_ratio"] == fcn["train_step_ratio"] == 1.0
+    for context in SINGLE_OUTPUT:
+        # The L=1 model is the pyramid's finest level alone: no unity head, fewer parameters and MACs.
+        single, pyramid = rows[context], rows[f"sf_{context}"]
+        assert single["params_m"] < pyramid["params_m"] and single["gmacs"] < pyramid["gmacs"]
 
     markdown = (tmp_path / "results.md").read_text()
     assert "| operation | input | time (ms) | baseline | baseline (ms) | ratio |" in markdown
     assert "build_targets + relabel" in markdown
     assert "argmax over the finest logits" in markdown
     assert "## Table 5:" in markdown and "| train step (ms) |" in markdown
-    for variant in MODEL_VARIANTS:
+    for variant in ("fcn", *QUICK_VARIANTS):
         assert f"| {variant} | dense |" in markdown
+    assert "(ocr, ccnet: L=1, the single output)" in markdown and "OCR's auxiliary CE x 0.4" in markdown
     assert "| sf_c2f | sparse | 0.500 |" in markdown
     assert "fresh process" in markdown
     assert "## Profile: sf_c2f@0.33" in markdown and "aten::" in markdown
@@ -95,7 +120,8 @@ def test_checkpoint_shares_are_its_validations_and_add_sparse_rows(trained_run: 
     assert shares == pytest.approx([trained[f"share_level{level}"] for level in range(1, 5)])
     cases = model_cases(QUICK, shares)
     ckpt_cases = [case for case in cases if case.source == "checkpoint"]
-    assert [case.name for case in ckpt_cases] == [f"{variant}@ckpt" for variant in MODEL_VARIANTS[1:]]
+    pyramids = ["sf_none", "sf_anl", "sf_anl_multi", "sf_c2f", "sf_ocr", "sf_ccnet"]
+    assert [case.name for case in ckpt_cases] == [f"{variant}@ckpt" for variant in pyramids]
     assert all(list(case.level_shares) == shares for case in ckpt_cases)
     with pytest.raises(ValueError, match=r"--ckpt .* has L=4 levels; the benchmark's models have L=2"):
         checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 2, torch.device("cpu"))
@@ -108,3 +134,21 @@ def test_bench_refuses_a_missing_checkpoint(tmp_path) -> None:
         text=True,
     )
     assert done.returncode == 2 and "--ckpt" in done.stderr and "none.ckpt" in done.stderr
+
+
+def test_variants_pick_rows_and_always_keep_fcn() -> None:
+    assert parse_variants(None) == MODEL_VARIANTS
+    assert parse_variants("sf_ocr, ocr") == ("fcn", "ocr", "sf_ocr")  # MODEL_VARIANTS' order
+    cases = model_cases(QUICK, None, parse_variants("ccnet,sf_ccnet"))
+    assert [case.name for case in cases] == ["fcn", "ccnet", "sf_ccnet", "sf_ccnet@0.5"]
+
+
+@pytest.mark.parametrize("value", ["ocr,hrnet_ocr", ","])
+def test_bench_refuses_unknown_variants(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--variants", value])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--variants" in error
+    assert "allowed: " + ", ".join(MODEL_VARIANTS) in error
+    if value != ",":
+        assert "unknown hrnet_ocr" in error

@@ -1,15 +1,19 @@
 """Benchmark harness (not a test): what the pyramid costs next to the plain single-output path.
 
     python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick] [--threads N] [--ckpt CKPT] [--profile]
+                          [--variants fcn,sf_c2f,...]
 
 Writes <out>/results.json and <out>/results.md with, measured side by side in one run:
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
   (b) fuse against an argmax over the finest logits (what a single-output model does instead);
-  (c) Table 5 in full: backbone + FCNHead against backbone + the Specialize-and-Fuse heads with
-      context none / anl / anl_multi / c2f: inference latency, peak memory and GMACs on the dense
-      path and on the sparse path (sfseg.inference.image_logits) at forced shares of undecided finest
-      cells and, with --ckpt, at the shares a trained checkpoint gives on its validation split;
-      training step time and peak memory; parameters;
+  (c) Table 5 in full: backbone + FCNHead (`fcn`, the reference of every ratio) against
+      `ocr` / `ccnet`, the single-output "HRNet48 + OCR / + CCNet" rows (L=1, dense only), and the
+      Specialize-and-Fuse heads at L=4 with context none / anl / anl_multi / c2f / ocr / ccnet
+      (`sf_none` ... `sf_ccnet`): inference latency, peak memory and GMACs on the dense path and, for
+      the sf_ rows, on the sparse path (sfseg.inference.image_logits) at forced shares of undecided
+      finest cells and, with --ckpt, at the shares a trained checkpoint gives on its validation split;
+      training step time (with OCR's auxiliary loss where the model has it) and peak memory;
+      parameters. --variants picks rows (fcn is always measured);
   (d) with --profile, torch.profiler's top operators of FCN and of c2f sparse.
 Times are medians over repeats after warm-up, with the variants interleaved (the order rotates
 every round) so that drift of the machine hits every variant alike.
@@ -42,17 +46,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from sfseg.inference import evaluate, image_logits, load
 from sfseg.inference.sparse import even_level_shares, forced_unity, unity_logits_for_shares
 from sfseg.models import FCNHead, PyramidSegmenter, create_backbone
+from sfseg.module import auxiliary_weight, training_loss
 from sfseg.pyramid import (
     FINEST_STRIDE,
     IGNORE_INDEX,
     build_targets,
     fuse,
     level_strides,
-    pyramid_loss,
     relabel,
 )
 
-MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_anl_multi", "sf_c2f")
+# fcn: the reference of the ratios; ocr / ccnet: the single-output (L=1) model with that context;
+# sf_<context>: the pyramid at BenchConfig.num_levels with that context, dense and sparse.
+MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_anl_multi", "sf_c2f", "ocr", "ccnet", "sf_ocr", "sf_ccnet")
+PYRAMID_PREFIX = "sf_"
 # Shares of finest cells that no coarser level decides; 0.33 is about what the trained embedded
 # default leaves (the goals are stated there).
 SHARES = (0.25, 0.33, 0.5, 0.75, 1.0)
@@ -236,11 +243,33 @@ class Case:
         return "dense" if self.level_shares is None else "sparse"
 
 
-def model_cases(cfg: BenchConfig, checkpoint_shares: list[float] | None) -> list[Case]:
-    """Every variant dense, then every S&F variant sparse at each forced share (the decided cells
-    split evenly over levels 1..L-1) and at the checkpoint's own shares per level."""
-    cases = [Case(variant) for variant in MODEL_VARIANTS]
-    for variant in MODEL_VARIANTS[1:]:
+def is_pyramid(variant: str) -> bool:
+    """Whether the variant has L > 1 levels (an sf_ row), so a sparse path."""
+    return variant.startswith(PYRAMID_PREFIX)
+
+
+def parse_variants(text: str | None) -> tuple[str, ...]:
+    """--variants: a comma list of MODEL_VARIANTS (None: all), in MODEL_VARIANTS' order, with fcn
+    always in it because every ratio is to fcn."""
+    if text is None:
+        return MODEL_VARIANTS
+    asked = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(asked - set(MODEL_VARIANTS))
+    if unknown or not asked:
+        raise ValueError(
+            f"--variants {text!r}: unknown {', '.join(unknown) or '(empty list)'}; "
+            f"allowed: {', '.join(MODEL_VARIANTS)}"
+        )
+    return tuple(variant for variant in MODEL_VARIANTS if variant in asked | {"fcn"})
+
+
+def model_cases(
+    cfg: BenchConfig, checkpoint_shares: list[float] | None, variants: tuple[str, ...] = MODEL_VARIANTS
+) -> list[Case]:
+    """Every variant dense, then every S&F (sf_) variant sparse at each forced share (the decided
+    cells split evenly over levels 1..L-1) and at the checkpoint's own shares per level."""
+    cases = [Case(variant) for variant in variants]
+    for variant in filter(is_pyramid, variants):
         cases += [Case(variant, tuple(even_level_shares(share, cfg.num_levels))) for share in cfg.shares]
         if checkpoint_shares is not None:
             cases.append(Case(variant, tuple(checkpoint_shares), source="checkpoint"))
@@ -250,7 +279,8 @@ def model_cases(cfg: BenchConfig, checkpoint_shares: list[float] | None) -> list
 def build_variant(name: str, cfg: BenchConfig) -> nn.Module:
     if name == "fcn":
         return FCNBaseline(cfg.backbone, cfg.num_classes)
-    return PyramidSegmenter(cfg.backbone, cfg.num_classes, cfg.num_levels, context=name.removeprefix("sf_"))
+    levels = cfg.num_levels if is_pyramid(name) else 1
+    return PyramidSegmenter(cfg.backbone, cfg.num_classes, levels, context=name.removeprefix(PYRAMID_PREFIX))
 
 
 def inference_call(
@@ -276,20 +306,21 @@ def training_call(
     model: nn.Module, variant: str, cfg: BenchConfig, device: torch.device
 ) -> Callable[[], None]:
     """One training step (forward, loss, backward, SGD step) on a realistic label batch. FCN: cross
-    entropy on the upsampled logits; S&F: relabel(true_positive) and Eq. 1 as in training, with the
-    pyramid targets built beforehand (the datamodule builds them with the batch)."""
+    entropy on the upsampled logits; the others: sfseg.module.training_loss as in training
+    (relabel(true_positive), Eq. 1, OCR's auxiliary CE at its default weight), with the pyramid
+    targets built beforehand (the datamodule builds them with the batch)."""
     gen = torch.Generator().manual_seed(4)
     images = torch.randn(cfg.train_batch, 3, cfg.train_size, cfg.train_size, generator=gen).to(device)
     labels = realistic_labels(cfg.train_batch, cfg.train_size, cfg.num_classes, seed=5).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    targets = build_targets(labels, cfg.num_levels)
+    if variant != "fcn":
+        targets = build_targets(labels, model.num_levels)
+        aux_weight = auxiliary_weight({"name": variant.removeprefix(PYRAMID_PREFIX)})
 
     def loss() -> Tensor:
         if variant == "fcn":
             return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
-        out = model(images)
-        relabelled = relabel(targets, out.unity, "true_positive", TAU)
-        return pyramid_loss(out.semantic, out.unity, relabelled).total
+        return training_loss(model(images), targets, "true_positive", TAU, aux_weight=aux_weight)[0]
 
     def step() -> None:
         loss().backward()
@@ -421,14 +452,16 @@ def measure_training(
     return measured
 
 
-def measure_cpu_memory(cases: list[Case], quick: bool) -> dict[str, dict[str, float]]:
+def measure_cpu_memory(
+    cases: list[Case], variants: tuple[str, ...], quick: bool
+) -> dict[str, dict[str, float]]:
     """Peak RSS growth of each case's inference and each variant's training step, in fresh processes:
     two inference children at once (one per core here), training children one at a time (GBs each)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
         measured = pool.map(lambda case: _cpu_memory_in_subprocess(case, quick), cases)
         memory = dict(zip((case.name for case in cases), measured, strict=True))
     train_memory = {
-        variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in MODEL_VARIANTS
+        variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in variants
     }
     return {"memory": memory, "train_memory": train_memory}
 
@@ -460,18 +493,22 @@ def table5_rows(
 
 
 def bench_models(
-    cfg: BenchConfig, device: torch.device, quick: bool, checkpoint_shares: list[float] | None = None
+    cfg: BenchConfig,
+    device: torch.device,
+    quick: bool,
+    checkpoint_shares: list[float] | None = None,
+    variants: tuple[str, ...] = MODEL_VARIANTS,
 ) -> dict[str, object]:
     """Table 5: every case's inference latency, peak memory and GMACs; every variant's training step
     time and peak memory (training is always dense) and parameters. Ratios are to FCN in this run."""
-    cases = model_cases(cfg, checkpoint_shares)
-    models = {variant: build_variant(variant, cfg).to(device).eval() for variant in MODEL_VARIANTS}
+    cases = model_cases(cfg, checkpoint_shares, variants)
+    models = {variant: build_variant(variant, cfg).to(device).eval() for variant in variants}
     params = {variant: _params_m(model) for variant, model in models.items()}
     measured = measure_inference(cases, models, cfg, device) | measure_training(models, cfg, device)
     del models
     gc.collect()  # the memory children need the memory more than we do
     if device.type == "cpu":
-        measured |= measure_cpu_memory(cases, quick)
+        measured |= measure_cpu_memory(cases, variants, quick)
         method = (
             "peak RSS growth (VmHWM = ru_maxrss, reset before) over the first call, each case in a fresh "
             "process"
@@ -489,7 +526,9 @@ def bench_models(
         "tau": TAU,
         "call": "FCN: head + bilinear upsampling; S&F: sfseg.inference.image_logits (heads, fuse, upsampling), "
         "dense (sparse=False) or sparse under a forced unity pyramid",
-        "train_call": "forward, loss (FCN: cross entropy; S&F: relabel true_positive + Eq. 1), backward, SGD step",
+        "train_call": "forward, loss (FCN: cross entropy; the others: relabel true_positive + Eq. 1, plus "
+        f"OCR's auxiliary CE x {auxiliary_weight({'name': 'ocr'})}), backward, SGD step",
+        "variants": list(variants),
         "memory_method": method,
         "checkpoint_level_shares": checkpoint_shares,
         "rows": table5_rows(cases, measured, params),
@@ -551,7 +590,12 @@ def _device_name(device: torch.device) -> str:
 
 
 def run(
-    cfg: BenchConfig, device: torch.device, quick: bool, ckpt: Path | None = None, profile: bool = False
+    cfg: BenchConfig,
+    device: torch.device,
+    quick: bool,
+    ckpt: Path | None = None,
+    profile: bool = False,
+    variants: tuple[str, ...] = MODEL_VARIANTS,
 ) -> dict[str, object]:
     load_before = os.getloadavg()[0]
     checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
@@ -569,7 +613,7 @@ def run(
         },
         "targets": bench_targets(cfg, device),
         "fuse": bench_fuse(cfg, device),
-        "models": bench_models(cfg, device, quick, checkpoint_shares),
+        "models": bench_models(cfg, device, quick, checkpoint_shares, variants),
     }
     if profile:
         results["profile"] = profile_table(cfg, device, PROFILE_SHARE)
@@ -619,8 +663,8 @@ def to_markdown(results: dict) -> str:
 def table5_markdown(models: dict, cfg: dict, checkpoint: str | None) -> list[str]:
     size, train_size = models["image_size"], models["train_size"]
     lines = [
-        f"## Table 5: {models['backbone']}, {models['num_classes']} classes, L={models['num_levels']}, "
-        f"tau={models['tau']}",
+        f"## Table 5: {models['backbone']}, {models['num_classes']} classes, L={models['num_levels']} "
+        f"(ocr, ccnet: L=1, the single output), tau={models['tau']}",
         "",
         f"Inference: batch 1, {size}x{size} (median of {cfg['model_repeats']}). Training step: batch "
         f"{models['train_batch']}, {train_size}x{train_size} (median of {cfg['train_repeats']}); training is "
@@ -675,12 +719,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         action="store_true",
         help=f"add torch.profiler tables (FCN, c2f sparse at {PROFILE_SHARE})",
     )
+    parser.add_argument(
+        "--variants",
+        help=f"comma list of Table 5 rows to measure (default: all): {', '.join(MODEL_VARIANTS)}; "
+        "fcn is always measured (the ratios are to it)",
+    )
     parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-shares", help=argparse.SUPPRESS)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as error:
+        parser.error(str(error))
     cfg = QUICK if args.quick else BenchConfig()
     if args.memory_child:
         shares = tuple(float(share) for share in args.child_shares.split(",")) if args.child_shares else None
@@ -690,7 +743,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--device cuda: no CUDA device is available")
     if args.ckpt is not None and not args.ckpt.is_file():
         parser.error(f"--ckpt {args.ckpt}: no such checkpoint file")
-    results = run(cfg, torch.device(args.device), args.quick, args.ckpt, args.profile)
+    results = run(cfg, torch.device(args.device), args.quick, args.ckpt, args.profile, variants)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(to_markdown(results))

@@ -19,6 +19,7 @@ from sfseg.pyramid import (
     RELABEL_POLICIES,
     SEMANTIC_LOSSES,
     Ohem,
+    PyramidTargets,
     pyramid_loss,
     relabel,
     semantic_ce,
@@ -65,6 +66,30 @@ def auxiliary_weight(context: Mapping[str, Any]) -> float:
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
         raise ValueError(f"model.context.aux_weight must be a number >= 0, got {weight!r}")
     return float(weight)
+
+
+def training_loss(
+    out: PyramidOutput,
+    targets: PyramidTargets,
+    policy: str,
+    tau: float,
+    ohem: Ohem | None = None,
+    aux_weight: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of one batch: Eq. 1 on the targets relabelled by `policy`, plus OCR's weighted
+    auxiliary CE when the net has that head. Returns the total and its terms by their logged names."""
+    loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, policy, tau), ohem)
+    total = loss.total
+    terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
+    terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
+    if out.auxiliary is not None:
+        # OCR's auxiliary head, against the finest labels before relabelling: it must find the
+        # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
+        aux = semantic_ce(out.auxiliary, targets.semantic[-1], ignore_index)
+        terms["train/ocr_aux_ce"] = aux
+        total = total + aux_weight * aux
+    return total, terms
 
 
 class SpecializeAndFuseModule(L.LightningModule):
@@ -135,18 +160,10 @@ class SpecializeAndFuseModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.net(batch["image"])
-        targets = relabel(batch["targets"], out.unity, self.policy, self.tau)
-        loss = pyramid_loss(out.semantic, out.unity, targets, self.ohem)
-        total = loss.total
+        total, terms = training_loss(
+            out, batch["targets"], self.policy, self.tau, self.ohem, self.aux_weight, self.ignore_index
+        )
         batch_size = batch["image"].shape[0]
-        terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
-        terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
-        if out.auxiliary is not None:
-            # OCR's auxiliary head, against the finest labels before relabelling: it must find the
-            # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
-            aux = semantic_ce(out.auxiliary, batch["targets"].semantic[-1], self.ignore_index)
-            terms["train/ocr_aux_ce"] = aux
-            total = total + self.aux_weight * aux
         self._check_finite({"train/loss": total, **terms})
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict(terms, batch_size=batch_size)
