@@ -24,6 +24,7 @@ def test_groups_have_the_documented_options():
         "hrnet_w18_small",
         "hrnet_w32",
         "hrnet_w48",
+        "local",
         "resnet101",
     ]
     assert options("model/context") == ["anl", "anl_multi", "c2f", "none"]

@@ -48,6 +48,7 @@ def _one_thread():
         ("hrnet_w32", 480),
         ("hrnet_w48", 720),
         ("resnet101", 720),
+        ("local", 64),
     ],
 )
 def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None:
@@ -60,7 +61,7 @@ def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None
 
 
 def test_backbone_registry_lists_the_paper_backbones() -> None:
-    assert set(BACKBONES) == {"hrnet_w18_small", "hrnet_w18", "hrnet_w32", "hrnet_w48", "resnet101"}
+    assert set(BACKBONES) == {"hrnet_w18_small", "hrnet_w18", "hrnet_w32", "hrnet_w48", "resnet101", "local"}
 
 
 def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
