@@ -245,10 +245,18 @@ def test_sweep_command_names_job_folders_by_what_varies(tmp_path: Path):
     command = sweep_command("mechanism_table6", 10, "0,1", tmp_path, ["data.data_seed=3"])
     assert command[:4] == [sys.executable, "-m", "sfseg.train", "-m"]
     assert "seed=0,1" in command and "trainer.max_steps=10" in command and command[-1] == "data.data_seed=3"
-    (excluded,) = [
-        item for item in command if item.startswith("hydra.job.config.override_dirname.exclude_keys=")
-    ]
-    assert "data.crop_size" in excluded and "model/backbone" in excluded and "experiment" in excluded
+    keys = exclude_keys(command)
+    assert {"data.crop_size", "model/backbone", "experiment", "data.data_seed", "seed"} <= set(keys)
+    assert "cell" not in keys  # the sweep axis names the jobs
+    keys = exclude_keys(sweep_command("mechanism", 10, "0", tmp_path, ["model.tau=0.8,0.9", "x=[1,2]"]))
+    assert "model.levels" not in keys and "model.tau" not in keys and "x" in keys
+
+
+def exclude_keys(command: list[str]) -> list[str]:
+    """The keys a sweep command leaves out of its job folder names."""
+    prefix = "hydra.job.config.override_dirname.exclude_keys="
+    (item,) = [item for item in command if item.startswith(prefix)]
+    return item.removeprefix(prefix).strip("[]").split(",")
 
 
 # --- end to end --------------------------------------------------------------------------------------------
@@ -306,15 +314,17 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
         assert config["trainer"]["max_steps"] == 2
         assert json.loads((job / "metrics.json").read_text())["step"] == 2
         levels.append(config["model"]["levels"])
-        assert "," not in job.name and "backbone" not in job.name  # named by what varies
+        assert (
+            job.name.split("_", 1)[1] == f"model.levels={config['model']['levels']}"
+        )  # named by what varies
     assert sorted(levels) == [1, 1, 4, 4]
 
     markdown = (out / "report.md").read_text()
-    assert "| L | seeds | mIoU (%) | mIoU (%)_finest |" in markdown
+    assert "| L | seeds | all classes: fused | all classes: finest only | look-alike: fused |" in markdown
     for level in (1, 4):
         (row,) = [line for line in markdown.splitlines() if line.startswith(f"| {level} | 2 |")]
         assert row.count("±") == 6  # overall, look-alike and controls; fused and finest
-    assert "mIoU (%)[look-alike]" in markdown and "mIoU (%)[controls]" in markdown
+    assert "| controls: fused | controls: finest only |" in markdown
     for cls in CONTEXT_CLASSES:
         assert f"| {cls} |" in markdown
     assert "### Table 9 of one L=4 job" in markdown

@@ -47,7 +47,7 @@ MECHANISM_REGIME = (
     "trainer=default",
     "trainer.check_val_every_n_epoch=1000",
 )
-MECHANISM_STEPS = 600
+MECHANISM_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,17 @@ def override_key(override: str) -> str:
     return override.lstrip("~+").split("=", 1)[0]
 
 
+def is_sweep(override: str) -> bool:
+    """Whether an override gives a sweep axis ("model.levels=1,4"), not one value ("x=[1,2]", "x=1")."""
+    value = override.split("=", 1)[-1].strip()
+    return "," in value and not value.startswith(("[", "{"))
+
+
 def sweep_command(preset_name: str, steps: int, seeds: str, out: Path, extra: list[str]) -> list[str]:
     """The `python -m sfseg.train -m` command line of a preset. Job folders are named by what varies
-    between jobs: the preset's fixed overrides are left out of the names."""
+    between jobs: the overrides that every job shares are left out of the names."""
     preset = PRESETS[preset_name]
-    fixed = [override for override in preset.overrides if "," not in override]
+    fixed = [override for override in (*preset.overrides, *extra) if not is_sweep(override)]
     hidden = ["seed", "trainer.max_steps", "ckpt_path", "task_name", *map(override_key, fixed)]
     return [
         sys.executable,

@@ -325,9 +325,12 @@ def write_mechanism_report(
         add_focus_metrics(runs, name, classes)
     metrics = [*DEFAULT_METRICS, *(focus_metric(m, name) for name in groups for m in DEFAULT_METRICS)]
     rows = sorted(summarize(runs, ["model.levels"], metrics), key=lambda row: int(row["model.levels"]))
-    header = ["L", "seeds", *(metric.replace("mIoU", "mIoU (%)", 1) for metric in metrics)]
+    kinds = {"mIoU": "fused", "mIoU_finest": "finest only"}
+    header = ["L", "seeds"]
+    header += [f"all classes: {kinds[m]}" for m in DEFAULT_METRICS]
+    header += [f"{name}: {kinds[m]}" for name in groups for m in DEFAULT_METRICS]
     lines = [
-        "### Single output (L=1) vs specialize & fuse, model/context=none",
+        "### Single output (L=1) vs specialize & fuse: mIoU (%), model/context=none",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -335,9 +338,11 @@ def write_mechanism_report(
     for row in rows:
         texts = [f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in metrics]
         lines.append(f"| {row['model.levels']} | {row['seeds']} | " + " | ".join(texts) + " |")
+    members = "; ".join(f"{name}: {', '.join(classes)}" for name, classes in groups.items())
     lines += [
         "",
-        "Mean ± spread (sample standard deviation) over seeds. mIoU_finest: the finest level alone.",
+        "Mean ± spread (sample standard deviation) over seeds. Finest only: the finest level's own "
+        f"prediction. A group's mIoU is over its classes ({members}).",
     ]
 
     levels_of = {
