@@ -325,6 +325,7 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
         (row,) = [line for line in markdown.splitlines() if line.startswith(f"| {level} | 2 |")]
         assert row.count("±") == 6  # overall, look-alike and controls; fused and finest
     assert "| controls: fused | controls: finest only |" in markdown
+    assert "of the look-alike pixels have a marker of their class within the 31 x 31 square" in markdown
     for cls in CONTEXT_CLASSES:
         assert f"| {cls} |" in markdown
     assert "### Table 9 of one L=4 job" in markdown
@@ -337,3 +338,35 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
     assert sorted(row["model.levels"] for row in rows) == ["1", "4"]
     assert all(row["seeds"] == "2" for row in rows)
     print(markdown)
+
+
+@pytest.mark.slow
+def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Path):
+    """`--preset mechanism_table7`: the paper's Table 7 over all classes, then over the look-alike
+    classes, whose cells are the mean IoU of those classes (fused) of the job."""
+    out = tmp_path / "table7"
+    command = ["--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM]
+    result = subprocess.run(
+        [sys.executable, "-m", "sfseg.ablation", *command],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown = (out / "report.md").read_text()
+    assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
+    assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
+    with (out / "report.csv").open() as handle:
+        cells = [row for row in csv.DictReader(handle) if row["metric"] == "mIoU[look-alike]"]
+    assert len(cells) == 4
+    for cell in cells:
+        (job,) = cell["jobs"].split(";")
+        config = yaml.safe_load((out / job / "config.yaml").read_text())
+        assert config["model"]["backbone"]["name"] == "local" and config["data"]["batch_size"] == 4
+        per_class = json.loads((out / job / "metrics.json").read_text())["per_class_iou"]
+        expected = np.nanmean(
+            [np.nan if per_class[name] is None else per_class[name] for name in LOOK_ALIKE_CLASSES]
+        )
+        assert float(cell["mean"]) == pytest.approx(100 * expected)

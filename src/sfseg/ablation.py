@@ -21,13 +21,16 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES
-from sfseg.report import write_mechanism_report, write_report
+from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES, cue_coverage, draw_context_scene
+from sfseg.models.backbones import LocalResNet
+from sfseg.pyramid import level_strides
+from sfseg.report import load_job_config, write_mechanism_report, write_report
 
 LOOK_ALIKE = ("look-alike", LOOK_ALIKE_CLASSES)
 CONTROLS = ("controls", tuple(name for name in CONTEXT_CLASSES if name not in LOOK_ALIKE_CLASSES))
@@ -66,7 +69,36 @@ def report_by_levels(sweep_dir: Path) -> str:
 
 
 def report_mechanism(sweep_dir: Path) -> str:
-    return write_mechanism_report(sweep_dir, dict([LOOK_ALIKE, CONTROLS]))[2]
+    config = load_job_config(next(sweep_dir.glob("*/config.yaml")).parent)
+    return write_mechanism_report(sweep_dir, dict([LOOK_ALIKE, CONTROLS]), cue_note(config))[2]
+
+
+def cue_note(config: Mapping[str, Any]) -> list[str]:
+    """How far the cue is on the val split the jobs scored (`cue_coverage` with the local backbone's R):
+    the share of look-alike pixels that can see it, and the share of level-1 cells (L=4) that can.
+    Nothing when the jobs ran on other data or another backbone."""
+    data = config["data"]
+    if (
+        not data["_target_"].endswith("SyntheticContextDataModule")
+        or config["model"]["backbone"]["name"] != "local"
+    ):
+        return []
+    size = data["size"] if isinstance(data["size"], Sequence) else (data["size"], data["size"])
+    geometry = {key: data[key] for key in ("region_size", "marker_spacing", "marker_size")}
+    scenes = [
+        draw_context_scene(index, data["data_seed"], "val", tuple(size), **geometry)
+        for index in range(data["val_samples"])
+    ]
+    radius = LocalResNet.receptive_field
+    cell = level_strides(4)[0]
+    coverage = cue_coverage(scenes, radius, cell_sizes=(cell,))
+    return [
+        f"The cue on these val scenes: {100 * coverage['pixel']:.1f} % of the look-alike pixels have a marker "
+        f"of their class within the {radius} x {radius} square a pixel's features see (model/backbone=local); "
+        f"{100 * coverage[f'cells{cell}']:.1f} % lie in {cell} x {cell} cells of one class (level 1 at L=4), "
+        f"and the field of {100 * coverage[f'cell{cell}']:.1f} % of those ({cell} + {radius - 1} pixels wide) "
+        "holds one."
+    ]
 
 
 def report_layout_and_look_alike(sweep_dir: Path) -> str:

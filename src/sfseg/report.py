@@ -312,14 +312,14 @@ def table9_markdown(job: str | Path) -> str:
 
 
 def write_mechanism_report(
-    sweep_dir: str | Path, groups: Mapping[str, Sequence[str]]
+    sweep_dir: str | Path, groups: Mapping[str, Sequence[str]], notes: Sequence[str] = ()
 ) -> tuple[Path, Path, str]:
     """Write the report of `python -m sfseg.ablation --preset mechanism` (report.md, and report.csv with
     one line per L); return their paths and the markdown.
 
     report.md: fused and finest-only mIoU per L, overall and over each class group (mean ± spread over
-    seeds), per-class IoU, Table 9 and the share of cells of one job of the largest L, and the goals
-    of the controlled experiment checked (L=1 against the largest L)."""
+    seeds), `notes` (markdown lines), per-class IoU, Table 9 and the share of cells of one job of the
+    largest L, and the goals of the controlled experiment checked (L=1 against the largest L)."""
     runs = collect_runs(sweep_dir)
     for name, classes in groups.items():
         add_focus_metrics(runs, name, classes)
@@ -344,6 +344,8 @@ def write_mechanism_report(
         "Mean ± spread (sample standard deviation) over seeds. Finest only: the finest level's own "
         f"prediction. A group's mIoU is over its classes ({members}).",
     ]
+    if notes:
+        lines += ["", *notes]
 
     levels_of = {
         run["job"]: int(run["overrides"].get("model.levels", run["config"]["model"]["levels"]))
