@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from sfseg.bench import MODEL_VARIANTS, main
+from sfseg.bench import MODEL_VARIANTS, QUICK, checkpoint_level_shares, main, model_cases
+from tests.test_eval import train_tiny_checkpoint
+
+# ratio key -> the value it divides by FCN's
+RATIOS = {"latency_ratio": "latency_ms", "memory_ratio": "memory_mb", "gmacs_ratio": "gmacs"}
+TRAIN_RATIOS = {"train_step_ratio": "train_step_ms", "train_memory_ratio": "train_memory_mb"}
 
 
 @pytest.fixture
@@ -17,12 +25,18 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+@pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
     # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(["--quick", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    main(["--quick", "--threads", "1", "--out", str(tmp_path), "--profile"])
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results) == {"meta", "targets", "fuse", "models"}
+    assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
     assert results["meta"]["device"] == "cpu"
     assert results["meta"]["threads"] == 1
     assert results["meta"]["quick"] is True
@@ -32,19 +46,65 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads) -> None:
         assert {"operation", "baseline", "shape", "time_ms", "baseline_ms", "ratio"} <= set(row)
         assert row["ratio"] == pytest.approx(row["time_ms"] / row["baseline_ms"])
     assert len(results["targets"]["unity_cell_share"]) == results["targets"]["num_levels"] - 1
+
     models = results["models"]
     assert "fresh process" in models["memory_method"]
-    assert list(models["variants"]) == list(MODEL_VARIANTS)
-    for row in models["variants"].values():
-        assert {"latency_ms", "latency_ratio", "memory_mb", "memory_ratio", "gmacs", "params_m"} <= set(row)
-        assert row["latency_ms"] > 0
-        assert row["memory_mb"] > 0  # a forward always allocates activations
-    assert models["variants"]["fcn"]["latency_ratio"] == 1.0
+    # The checkpoint's shares are those its training run's validation measured.
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert models["checkpoint_level_shares"] == pytest.approx(
+        [trained[f"share_level{level}"] for level in range(1, 5)]
+    )
+    rows = {row["case"]: row for row in models["rows"]}
+    sparse = [f"{variant}@{share}" for share in (*QUICK.shares, "ckpt") for variant in MODEL_VARIANTS[1:]]
+    assert sorted(rows) == sorted([*MODEL_VARIANTS, *sparse])
+    fcn = rows["fcn"]
+    for name, row in rows.items():
+        assert row["latency_ms"] > 0 and row["memory_mb"] > 0 and row["gmacs"] > 0 and row["params_m"] > 0
+        dense = row["path"] == "dense"
+        for ratio, value in (RATIOS | TRAIN_RATIOS if dense else RATIOS).items():
+            assert row[ratio] == pytest.approx(row[value] / fcn[value]), (name, ratio)
+        if dense:
+            assert row["undecided_share"] is None and row["train_step_ms"] > 0
+        else:
+            assert not set(TRAIN_RATIOS) & set(row)  # training is dense
+            # The forced unity pyramid left the asked share of finest cells to the finest level.
+            # (to a whole number of level-(L-1) cells, of which there are (size / 8)^2).
+            leaves = (QUICK.image_size // 8) ** 2
+            assert row["undecided_share"] == pytest.approx(row["level_shares"][-1], abs=0.5 / leaves + 1e-9)
+            # Sparse runs fewer multiply-accumulates than the same variant dense.
+            assert row["gmacs"] < rows[row["variant"]]["gmacs"]
+    assert fcn["latency_ratio"] == fcn["train_step_ratio"] == 1.0
 
     markdown = (tmp_path / "results.md").read_text()
     assert "| operation | input | time (ms) | baseline | baseline (ms) | ratio |" in markdown
     assert "build_targets + relabel" in markdown
     assert "argmax over the finest logits" in markdown
+    assert "## Table 5:" in markdown and "| train step (ms) |" in markdown
     for variant in MODEL_VARIANTS:
-        assert f"| {variant} |" in markdown
+        assert f"| {variant} | dense |" in markdown
+    assert "| sf_c2f | sparse | 0.500 |" in markdown
     assert "fresh process" in markdown
+    assert "## Profile: sf_c2f@0.33" in markdown and "aten::" in markdown
+
+
+@pytest.mark.slow
+def test_checkpoint_shares_are_its_validations_and_add_sparse_rows(trained_run: Path) -> None:
+    shares = checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 4, torch.device("cpu"))
+    # The share of finest cells per level that the training run's validation measured.
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert shares == pytest.approx([trained[f"share_level{level}"] for level in range(1, 5)])
+    cases = model_cases(QUICK, shares)
+    ckpt_cases = [case for case in cases if case.source == "checkpoint"]
+    assert [case.name for case in ckpt_cases] == [f"{variant}@ckpt" for variant in MODEL_VARIANTS[1:]]
+    assert all(list(case.level_shares) == shares for case in ckpt_cases)
+    with pytest.raises(ValueError, match=r"--ckpt .* has L=4 levels; the benchmark's models have L=2"):
+        checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 2, torch.device("cpu"))
+
+
+def test_bench_refuses_a_missing_checkpoint(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "sfseg.bench", "--quick", "--ckpt", str(tmp_path / "none.ckpt")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "--ckpt" in done.stderr and "none.ckpt" in done.stderr

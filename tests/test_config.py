@@ -22,13 +22,16 @@ def test_groups_have_the_documented_options():
     assert options("model/backbone") == [
         "hrnet_w18",
         "hrnet_w18_small",
+        "hrnet_w18_small_v2",
         "hrnet_w32",
         "hrnet_w48",
         "local",
         "resnet101",
+        "resnet101c",
     ]
-    assert options("model/context") == ["anl", "anl_multi", "c2f", "none"]
+    assert options("model/context") == ["anl", "anl_multi", "c2f", "ccnet", "none", "ocr"]
     assert options("model/relabel") == ["naive", "oracle", "true_positive"]
+    assert options("model/loss") == ["ce", "ohem"]
 
 
 @pytest.mark.parametrize("backbone", options("model/backbone"))
@@ -113,10 +116,16 @@ def test_unknown_group_option_lists_the_choices(run_dir: Path):
         ),
         ("model.tau=1.5", "model.tau"),
         ("model.levels=0", "model.levels"),
+        ("model.loss.name=focal", "model.loss.name='focal' is not one of ce, ohem"),
+        ("model/loss=ohem model.loss.thresh=0", "model.loss.thresh must be in (0, 1]"),
+        ("model/loss=ohem model.loss.min_kept=-3", "model.loss.min_kept must be an integer >= 1, got -3"),
+        ("model/loss=ohem +model.loss.ratio=0.5", "model.loss has unknown keys ['ratio']"),
+        ("model/context=ocr model.context.aux_weight=-1", "model.context.aux_weight must be a number >= 0"),
+        ("+model.context.aux_weight=0.4", "model.context.aux_weight applies to model.context.name=ocr only"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, fragment: str, run_dir: Path):
-    cfg = compose_config([*TINY, override], run_dir)
+    cfg = compose_config([*TINY, *override.split()], run_dir)
     with pytest.raises(Exception) as error:  # Hydra wraps errors raised inside instantiate
         build(cfg)
     assert fragment in str(error.value)
@@ -138,6 +147,7 @@ GROUPS = [
     "model/backbone",
     "model/context",
     "model/relabel",
+    "model/loss",
 ]
 
 

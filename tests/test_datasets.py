@@ -69,6 +69,32 @@ def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int
     assert sorted(set(valid.tolist()) - {IGNORE_INDEX}) == list(range(NUM_CLASSES[name]))
 
 
+@pytest.mark.parametrize(
+    ("name", "first_raw_ids", "last_raw_id"),
+    [
+        ("ade20k", [1, 2, 3], 150),
+        ("coco_stuff10k", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13], 182),  # 12 is unused
+        ("coco_stuff164k", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12], 181),
+        ("pascal_context59", [1, 2, 3], 59),
+    ],
+)
+def test_raw_ids_invert_the_lookup_table(name: str, first_raw_ids: list[int], last_raw_id: int):
+    layout = LAYOUTS[name]
+    raw_ids = layout.raw_ids()
+    assert raw_ids.dtype == np.uint8 and raw_ids.shape == (NUM_CLASSES[name],)
+    assert raw_ids[: len(first_raw_ids)].tolist() == first_raw_ids and raw_ids[-1] == last_raw_id
+    np.testing.assert_array_equal(layout.lut()[raw_ids], np.arange(NUM_CLASSES[name]))
+
+
+def test_training_layout_comes_from_the_run_config_or_the_class_names():
+    assert real.training_layout("sfseg.data.real.COCOStuff164kDataModule", []) is LAYOUTS["coco_stuff164k"]
+    assert real.training_layout("sfseg.data.datamodule.SyntheticDataModule", []) is None
+    assert real.training_layout(None, LAYOUTS["ade20k"].classes) is LAYOUTS["ade20k"]
+    assert real.training_layout(None, ["a", "b"]) is None
+    with pytest.raises(ValueError, match="classes are those of coco_stuff10k and coco_stuff164k, whose raw"):
+        real.training_layout(None, LAYOUTS["coco_stuff10k"].classes)
+
+
 def test_coco_stuff_10k_and_164k_name_the_same_classes():
     lut10k, lut164k = LAYOUTS["coco_stuff10k"].lut(), LAYOUTS["coco_stuff164k"].lut()
     # The 10k release counts from 1 (0 = unlabeled), the 164k maps from 0.

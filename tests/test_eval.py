@@ -1,5 +1,6 @@
 """Evaluation: inference helpers on a stand-in model, then `python -m sfseg.eval` end to end on a
-checkpoint trained here (whole image, sliding window, multi-scale + flip, finest level only)."""
+checkpoint trained here (whole image, sliding window, multi-scale + flip, finest level only, the tau
+override and the tau sweep, the unity calibration)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,30 @@ import pytest
 import torch
 
 from sfseg.data.classes import SYNTHETIC_CLASSES
-from sfseg.eval import (
+from sfseg.eval import default_eval_folder, run
+from sfseg.inference import (
     InferenceSettings,
-    default_eval_folder,
     pad_images,
-    run,
     slide_logits,
     tta_probabilities,
     whole_logits,
     window_starts,
 )
+from sfseg.models import PyramidOutput
 from sfseg.visualize import denormalize
 from tests.conftest import TINY, compose_config
 
 # The data part of the tiny training run: eval must see the same validation images.
 TINY_DATA = [override for override in TINY if override.startswith("data.")]
-EVAL_FILES = ("metrics.json", "per_class.csv", "specialization.json", "table9.png", "fig3.png")
+EVAL_FILES = (
+    "metrics.json",
+    "per_class.csv",
+    "specialization.json",
+    "table9.png",
+    "fig3.png",
+    "unity_calibration.json",
+    "unity_calibration.png",
+)
 
 
 def train_tiny_checkpoint(base: Path) -> Path:
@@ -56,8 +65,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class PixelwiseNet(torch.nn.Module):
-    """predict() maps each pixel's colour to logits: any tiling, padding or flip must give the same
-    answer as one pass over the image. Records the input sizes it was asked for."""
+    """A one-level "pyramid" at the image resolution that maps each pixel's colour to logits: any
+    tiling, padding or flip must give the same answer as one pass over the image. Records the input
+    sizes it was asked for."""
 
     size_divisor = 32
 
@@ -66,10 +76,9 @@ class PixelwiseNet(torch.nn.Module):
         self.weight = torch.randn(num_classes, 3, generator=torch.Generator().manual_seed(0))
         self.sizes: list[tuple[int, int]] = []
 
-    def predict(self, images: torch.Tensor, tau: float, fuse_levels: bool = True):
+    def forward(self, images: torch.Tensor) -> PyramidOutput:
         self.sizes.append(tuple(images.shape[-2:]))
-        logits = torch.einsum("cd,bdhw->bchw", self.weight, images)
-        return logits, torch.zeros(images.shape[:1] + images.shape[2:], dtype=torch.long)
+        return PyramidOutput(semantic=[torch.einsum("cd,bdhw->bchw", self.weight, images)], unity=[])
 
 
 def direct_logits(net: PixelwiseNet, images: torch.Tensor) -> torch.Tensor:
@@ -148,6 +157,7 @@ def test_default_eval_folder_is_in_the_training_run_and_says_the_variant(tmp_pat
         tmp_path / "run" / "eval_finest"
     )
     assert default_eval_folder(str(ckpt), "slide", [0.5, 1.0], True, True).endswith("eval_slide_ms_flip")
+    assert default_eval_folder(str(ckpt), "whole", [1.0], False, True, 0.5).endswith("eval_tau0.5")
     elsewhere = tmp_path / "model.ckpt"
     elsewhere.touch()
     assert default_eval_folder(str(elsewhere), "whole", [1.0], False, True) == str(tmp_path / "eval")
@@ -222,6 +232,14 @@ def test_eval_cli_whole_image_reproduces_the_validation_of_training(trained_run:
     assert set(specialization["unity"]["precision"]) == {"level1", "level2", "level3"}
     assert set(specialization["fig3"]["iou_minus_fused"]) == {f"level{level}" for level in range(1, 5)}
 
+    # The reliability diagrams count every cell of every unity level once (no ignored pixels here).
+    calibration = json.loads((trained_run / "eval" / "unity_calibration.json").read_text())
+    assert calibration["tau"] == 0.9 and len(calibration["bin_edges"]) == 11
+    for name, stride in (("level1", 32), ("level2", 16), ("level3", 8)):
+        level = calibration["levels"][name]
+        assert level["stride"] == stride and sum(level["cells"]) == 4 * (64 // stride) ** 2
+        assert 0 <= level["ece"] <= 1
+
     # The per-class table and a progress bar are shown.
     assert "mIoU" in result.stdout and "sky" in result.stdout and "pole" in result.stdout
     assert str(trained_run / "eval" / "metrics.json") in result.stdout
@@ -264,11 +282,57 @@ def test_eval_variants_slide_tta_and_finest_only(trained_run: Path, tmp_path: Pa
     assert finest["inference"]["fuse"] is False
 
 
+def read_sweep(folder: Path) -> list[dict]:
+    with (folder / "tau_sweep.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_tau_sweep_scores_each_tau_as_a_plain_evaluation_at_that_tau(trained_run: Path, tmp_path: Path):
+    swept = [0.3, 0.5, 0.7]
+    metrics, specialization, _ = evaluate_in_process(
+        trained_run, tmp_path / "sweep", f"eval.tau_sweep=[{','.join(map(str, swept))}]"
+    )
+    rows = read_sweep(tmp_path / "sweep")
+    # The checkpoint's own tau joins the sweep, marked; its row is the sweep run's own evaluation.
+    assert [float(row["tau"]) for row in rows] == [*swept, 0.9]
+    assert [row["checkpoint_tau"] for row in rows] == ["False", "False", "False", "True"]
+    assert float(rows[-1]["mIoU"]) == pytest.approx(metrics["mIoU"], rel=1e-5)
+    assert float(rows[-1]["labels_per_image"]) == pytest.approx(specialization["parsimony"]["labels"] / 4)
+    for row in rows[:-1]:
+        tau = float(row["tau"])
+        plain, plain_specialization, _ = evaluate_in_process(
+            trained_run, tmp_path / row["tau"], f"eval.tau={tau}"
+        )
+        assert plain["inference"]["tau"] == tau and plain["inference"]["checkpoint_tau"] == 0.9
+        assert float(row["mIoU"]) == pytest.approx(plain["mIoU"], rel=1e-5)
+        assert float(row["pixel_acc"]) == pytest.approx(plain["pixel_acc"], rel=1e-5)
+        parsimony = plain_specialization["parsimony"]
+        assert float(row["labels_per_image"]) == pytest.approx(parsimony["labels"] / 4)
+        for level in range(1, 5):
+            assert float(row[f"share_level{level}"]) == pytest.approx(
+                parsimony["share_per_level"][f"level{level}"], abs=1e-6
+            )
+    # The taus trade labels for accuracy: the sweep is not one point repeated.
+    assert len({row["labels_per_image"] for row in rows}) > 1
+    table = (tmp_path / "sweep" / "tau_sweep.md").read_text()
+    assert "| **0.9** (checkpoint) |" in table and "Cost: the network ran once per image batch" in table
+    assert (tmp_path / "sweep" / "tau_sweep.png").stat().st_size > 5_000
+
+
 @pytest.mark.slow
 def test_eval_refuses_a_model_or_data_that_does_not_match_the_checkpoint(trained_run: Path, tmp_path: Path):
     with pytest.raises(ValueError, match=r"model\.levels=2 but the checkpoint was trained with 4"):
         evaluate_in_process(trained_run, tmp_path / "a", "model.levels=2")
     with pytest.raises(ValueError, match=r"data\.num_levels=2 but the checkpoint has L=4"):
         evaluate_in_process(trained_run, tmp_path / "b", "data.num_levels=2")
+    with pytest.raises(ValueError, match=r"eval\.tau must be in the open interval \(0, 1\), got 1\.5"):
+        evaluate_in_process(trained_run, tmp_path / "c", "eval.tau=1.5")
+    with pytest.raises(ValueError, match=r"eval\.tau_sweep must be in the open interval \(0, 1\), got 0"):
+        evaluate_in_process(trained_run, tmp_path / "d", "eval.tau_sweep=[0.5,0]")
+    with pytest.raises(
+        ValueError, match=r"eval\.tau_sweep must be a list of taus, e\.g\. \[0\.5,0\.7,0\.9\]"
+    ):
+        evaluate_in_process(trained_run, tmp_path / "e", "eval.tau_sweep=0.5")
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*missing\.ckpt: no such checkpoint file"):
         run(compose_config([f"ckpt_path={tmp_path / 'missing.ckpt'}", "eval.device=cpu"], tmp_path, "eval"))

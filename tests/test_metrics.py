@@ -1,5 +1,6 @@
 """Dataset-level metrics (DESIGN 5) against independent computations: torchmetrics' own classes,
-an absent class, the ignore index, Table 9 by explicit masking, and a split over two DDP ranks."""
+an absent class, the ignore index, Table 9 by explicit masking, a split over two DDP ranks, the tau
+sweep against plain metrics at each tau, and the unity calibration on hand-made logits."""
 
 import math
 
@@ -8,8 +9,15 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex, MulticlassRecall
 from torchmetrics.utilities.data import dim_zero_sum
 
-from sfseg.analysis import pixel_levels
-from sfseg.metrics import PyramidMetrics, SegmentationMetrics, confusion_matrix, segmentation_scores
+from sfseg.analysis import pixel_levels, reliability
+from sfseg.metrics import (
+    PyramidMetrics,
+    SegmentationMetrics,
+    TauSweepMetrics,
+    UnityCalibration,
+    confusion_matrix,
+    segmentation_scores,
+)
 from sfseg.pyramid import IGNORE_INDEX, build_targets, fuse, repeat_cells
 
 NUM_CLASSES = 5
@@ -210,3 +218,84 @@ def test_every_read_out_syncs_through_the_ddp_gather_path():
         assert torch.allclose(report[key], value, equal_nan=True), key
     # After each read-out the rank keeps accumulating its own share.
     assert torch.equal(this_rank.confmat, local_confmat)
+
+
+def logit(probability: float) -> float:
+    return math.log(probability / (1 - probability))
+
+
+def test_unity_calibration_of_hand_made_logits():
+    # Unity level 1 (5 cells + 1 without a valid pixel): two mix cells at p=0.05, two unity cells at
+    # p=0.95 and one at p=1 (the closed last bin). Level 2: four cells at p=0.25, one of them unity.
+    level1 = torch.tensor([[[logit(0.05), logit(0.05), logit(0.95), logit(0.95), 50.0, logit(0.95)]]])
+    level2 = torch.full((1, 1, 4), logit(0.25))
+    targets = [torch.tensor([[[0, 0, 1, 1, 1, IGNORE_INDEX]]]), torch.tensor([[[1, 0, 0, 0]]])]
+    metric = UnityCalibration(num_levels=3, num_bins=10)
+    metric.update([level1, level2], targets)
+    report = metric.compute()
+
+    assert report["edges"].tolist() == pytest.approx([index / 10 for index in range(11)])
+    assert report["cells"].tolist() == [[2, 0, 0, 0, 0, 0, 0, 0, 0, 3], [0, 0, 4, 0, 0, 0, 0, 0, 0, 0]]
+    assert report["unity_cells"].tolist() == [[0, 0, 0, 0, 0, 0, 0, 0, 0, 3], [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
+    assert report["mean_predicted"][0, 0] == pytest.approx(0.05)
+    assert report["mean_predicted"][0, 9] == pytest.approx((0.95 + 0.95 + 1.0) / 3)
+    assert report["observed"][0, [0, 9]].tolist() == [0.0, 1.0]
+    assert report["observed"][1, 2] == pytest.approx(0.25)
+    assert report["observed"][0, 1:9].isnan().all()  # empty bins have no observed share
+    # ECE = sum over bins of (cells in the bin / cells) * |observed - mean predicted|.
+    assert report["ece"][0] == pytest.approx((2 * 0.05 + 3 * (1 - 2.9 / 3)) / 5)
+    assert report["ece"][1] == pytest.approx(0.0, abs=1e-6)  # a quarter predicted, a quarter observed
+    empty = torch.zeros(2, 10, dtype=torch.long)
+    assert reliability(empty, empty, empty.double())["ece"].isnan().all()  # no cells: no ECE
+    with pytest.raises(ValueError, match=r"eval\.calibration_bins must be >= 1, got 0"):
+        UnityCalibration(num_levels=3, num_bins=0)
+
+
+def update_sweep(sweep: TauSweepMetrics, labels, semantic, unity) -> None:
+    for index, tau in enumerate(sweep.taus):
+        fused, level_map = fuse(semantic, unity, tau)
+        sweep.update(index, to_label_size(fused, labels), labels, level_map)
+
+
+def test_tau_sweep_equals_the_pyramid_metrics_at_each_tau():
+    taus = [0.3, 0.6, 0.9]
+    sweep = TauSweepMetrics(NUM_CLASSES, LEVELS, taus)
+    plain = {tau: PyramidMetrics(NUM_CLASSES, LEVELS, tau) for tau in taus}
+    for batch in random_split(seed=4):
+        update_sweep(sweep, *batch)
+        for metrics in plain.values():
+            update(metrics, *batch)
+    rows = sweep.compute()
+    assert [row["tau"] for row in rows] == taus
+    for index, (tau, metrics) in enumerate(plain.items()):
+        assert torch.equal(sweep.confmat[index], metrics.confmat[0])
+        assert torch.equal(sweep.cells[index], metrics.cells)
+        assert torch.equal(sweep.labels[index], metrics.labels)
+        scores = metrics.compute()
+        for key in ("mIoU", "pixel_acc", "labels_per_finest_cell", "share_level1", "share_level3"):
+            assert rows[index][key] == pytest.approx(scores[key]), (tau, key)
+    # A lower tau lets coarse levels take more cells: fewer labels.
+    assert rows[0]["labels"] < rows[1]["labels"] < rows[2]["labels"]
+    with pytest.raises(ValueError, match=r"eval.tau_sweep must be in the open interval \(0, 1\), got 1.0"):
+        TauSweepMetrics(NUM_CLASSES, LEVELS, [0.5, 1.0])
+
+
+def test_sweep_and_calibration_states_are_sums_that_add_up_over_ranks():
+    batches = list(random_split(seed=5, batches=4))
+
+    def metrics():
+        return TauSweepMetrics(NUM_CLASSES, LEVELS, [0.4, 0.9]), UnityCalibration(LEVELS, num_bins=5)
+
+    def feed(sweep, calibration, labels, semantic, unity) -> None:
+        update_sweep(sweep, labels, semantic, unity)
+        calibration.update(unity, build_targets(labels, LEVELS).unity)
+
+    whole, ranks = metrics(), [metrics(), metrics()]
+    for index, batch in enumerate(batches):
+        feed(*whole, *batch)
+        feed(*ranks[index % 2], *batch)
+    for merged, other, alone in zip(ranks[0], ranks[1], whole, strict=True):
+        assert all(reduction is dim_zero_sum for reduction in merged._reductions.values())
+        merged.merge_state(other)
+        for name in merged._reductions:
+            assert torch.equal(getattr(merged, name), getattr(alone, name)), name

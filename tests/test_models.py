@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from sfseg.inference import fused_logits, image_logits
 from sfseg.models import (
     BACKBONES,
     CONTEXT_MODULES,
@@ -21,6 +22,7 @@ from sfseg.models import (
     create_backbone,
 )
 from sfseg.models.context import PyramidPool
+from sfseg.models.layers import adaptive_avg_pool2d
 from sfseg.pyramid import build_targets, fuse, pyramid_loss
 
 SMALL = "hrnet_w18_small"
@@ -44,10 +46,12 @@ def _one_thread():
     ("name", "channels"),
     [
         ("hrnet_w18_small", 240),
+        ("hrnet_w18_small_v2", 270),
         ("hrnet_w18", 270),
         ("hrnet_w32", 480),
         ("hrnet_w48", 720),
         ("resnet101", 720),
+        ("resnet101c", 720),
         ("local", 64),
     ],
 )
@@ -61,7 +65,16 @@ def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None
 
 
 def test_backbone_registry_lists_the_paper_backbones() -> None:
-    assert set(BACKBONES) == {"hrnet_w18_small", "hrnet_w18", "hrnet_w32", "hrnet_w48", "resnet101", "local"}
+    assert set(BACKBONES) == {
+        "hrnet_w18_small",
+        "hrnet_w18_small_v2",
+        "hrnet_w18",
+        "hrnet_w32",
+        "hrnet_w48",
+        "resnet101",
+        "resnet101c",
+        "local",
+    }
 
 
 def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
@@ -71,11 +84,20 @@ def test_pyramid_pool_gives_110_tokens_even_below_8x8() -> None:
     torch.testing.assert_close(tokens[:, :, 0], x.mean(dim=(2, 3)))  # the 1x1 bin is the global mean
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 7), (16, 24), (9, 128)])
+def test_adaptive_pooling_by_matrices_equals_torchs(size: tuple[int, int]) -> None:
+    x = torch.randn(2, 3, *size)
+    for bins in (1, 3, 6, 8):
+        torch.testing.assert_close(adaptive_avg_pool2d(x, bins), F.adaptive_avg_pool2d(x, bins))
+
+
 @pytest.mark.parametrize("num_levels", [1, 2, 4])
 @pytest.mark.parametrize("name", sorted(CONTEXT_MODULES))
 def test_context_module_returns_one_map_per_level_coarse_to_fine(name: str, num_levels: int) -> None:
     module = build_context(name, channels=16, num_levels=num_levels)
-    refined = module(torch.randn(2, 16, 16, 24), num_levels)
+    # OCR also takes the soft object regions (here 5 classes) that the semantic head computes.
+    regions = [torch.randn(2, 5, 16, 24)] if getattr(module, "needs_object_regions", False) else []
+    refined = module(torch.randn(2, 16, 16, 24), num_levels, *regions)
     assert [tuple(r.shape) for r in refined] == [
         (2, 16, 16 // 2 ** (num_levels - 1 - i), 24 // 2 ** (num_levels - 1 - i)) for i in range(num_levels)
     ]
@@ -118,8 +140,9 @@ def test_unity_head_with_one_level_is_empty() -> None:
 
 def test_semantic_and_fcn_heads_give_class_logits() -> None:
     x = torch.randn(2, 12, 16, 16)
-    semantic = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
+    semantic, auxiliary = SemanticHead(12, num_classes=5, num_levels=3, channels=16)(x)
     assert [tuple(y.shape) for y in semantic] == [(2, 5, 4, 4), (2, 5, 8, 8), (2, 5, 16, 16)]
+    assert auxiliary is None  # only OCR has an auxiliary head
     assert FCNHead(12, num_classes=5, channels=16)(x).shape == (2, 5, 16, 16)
 
 
@@ -151,7 +174,7 @@ def test_single_level_segmenter_is_the_standard_output() -> None:
 def test_predict_fuses_and_upsamples_to_the_image(segmenter: PyramidSegmenter) -> None:
     images = torch.randn(1, 3, 32, 64)
     segmenter.eval()
-    logits, level_map = segmenter.predict(images, tau=0.9)
+    logits, level_map = image_logits(segmenter, images, tau=0.9)
     assert logits.shape == (1, 7, 32, 64)
     assert level_map.shape == (1, 8, 16)
     out = segmenter(images)
@@ -159,7 +182,7 @@ def test_predict_fuses_and_upsamples_to_the_image(segmenter: PyramidSegmenter) -
     torch.testing.assert_close(logits, F.interpolate(fused, size=(32, 64), mode="bilinear"))
     assert torch.equal(level_map, expected_map)
 
-    finest, finest_map = segmenter.predict(images, fuse_levels=False)
+    finest, finest_map = image_logits(segmenter, images, tau=0.9, fuse_levels=False)
     torch.testing.assert_close(finest, F.interpolate(out.semantic[-1], size=(32, 64), mode="bilinear"))
     assert (finest_map == 3).all()
 
@@ -190,7 +213,7 @@ def test_bfloat16_autocast_forward_is_finite(segmenter: PyramidSegmenter) -> Non
     images = torch.randn(1, 3, 32, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = segmenter.eval()(images)
-        logits, _ = out.prediction(images.shape[-2:])
+        logits, _ = fused_logits(out, images.shape[-2:])
     assert all(torch.isfinite(t).all() for t in [*out.semantic, *out.unity, logits])
 
 
@@ -236,7 +259,10 @@ def test_bad_weights_files_raise_clear_errors(tmp_path) -> None:
         create_backbone(SMALL, weights=str(tmp_path / "missing.pth"))
     foreign = tmp_path / "foreign.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, foreign)
-    with pytest.raises(ValueError, match="none of its 1 tensors match"):
+    with pytest.raises(
+        ValueError,
+        match=r"foreign\.pth': only 0 of the 355 tensors of backbone 'hrnet_w18_small'.*unexpected: encoder\.weight",
+    ):
         create_backbone(SMALL, weights=str(foreign))
 
 

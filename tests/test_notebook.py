@@ -23,7 +23,7 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_a_checkpoint_and_draws_the_pyramids_table9_and_fig3(
+def test_notebook_runs_on_a_checkpoint_and_draws_the_pyramids_tables_tau_sweep_and_reliability(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ):
     run_dir = train_tiny_checkpoint(tmp_path_factory.getbasetemp())
@@ -36,9 +36,10 @@ def test_notebook_runs_on_a_checkpoint_and_draws_the_pyramids_table9_and_fig3(
 
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     pictures = [output for output in outputs if "image/png" in output.get("data", {})]
-    assert len(pictures) == 3  # the pyramids of a few images, Table 9, Fig. 3
+    assert len(pictures) == 5  # the pyramids of a few images, Table 9, Fig. 3, the tau trade-off, reliability
     printed = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     assert "L=4 levels" in printed and "labels needed" in printed and "unity level1" in printed
+    assert "labels per image  <- the model's tau" in printed  # the tau sweep includes the model's own
     first_cell = next(cell for cell in notebook.cells if cell.cell_type == "code")
     shown = [
         output["data"]["text/plain"]

@@ -72,7 +72,8 @@ def assert_one_cell_per_job(cells: list[dict], jobs: list[dict]) -> None:
     ("experiment", "cells"),
     [
         ("table6", ["single_none", "single_anl", "single_c2f", "pyramidal_none", "pyramidal_anl",
-                    "pyramidal_anl_multi", "pyramidal_c2f"]),
+                    "pyramidal_anl_multi", "pyramidal_c2f", "single_ocr", "single_ccnet", "pyramidal_ocr",
+                    "pyramidal_ccnet"]),
         ("table7", ["single_output", "naive", "oracle", "true_positive"]),
     ],
 )  # fmt: skip
@@ -92,15 +93,22 @@ def test_cells_compose_into_the_ablation_setting(experiment: str, cells: list[st
 
 
 @pytest.mark.slow
-def test_table6_sweep_fills_seven_cells_and_leaves_single_anl_multi_empty(tmp_path: Path):
+def test_table6_sweep_fills_eleven_cells_and_leaves_single_anl_multi_empty(tmp_path: Path):
     jobs = run_sweep("table6", tmp_path / "table6")
-    assert len(jobs) == 7
+    assert len(jobs) == 11
     cells, markdown = report(tmp_path / "table6")
-    assert len(cells) == 8  # output format (2) x context module (4)
+    assert len(cells) == 12  # output format (2) x context module (6: Table 6's four, OCR, CCNet)
     assert_one_cell_per_job(cells, jobs)
     for job in jobs:
         row = "Single (standard)" if job["model"]["levels"] == 1 else "Pyramidal (ours)"
-        column = {"none": "-", "anl": "ANL", "anl_multi": "ANL-multi", "c2f": "ours (c2f)"}
+        column = {
+            "none": "-",
+            "anl": "ANL",
+            "anl_multi": "ANL-multi",
+            "c2f": "ours (c2f)",
+            "ocr": "OCR",
+            "ccnet": "CCNet",
+        }
         found = cell(cells, row, column[job["model"]["context"]["name"]])
         assert float(found["mean"]) == pytest.approx(100 * job["metrics"]["mIoU"])
     assert cell(cells, "Single (standard)", "ANL-multi")["seeds"] == "0"

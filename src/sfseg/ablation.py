@@ -30,7 +30,7 @@ from typing import Any
 from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES, cue_coverage, draw_context_scene
 from sfseg.models.backbones import LocalResNet
 from sfseg.pyramid import level_strides
-from sfseg.report import load_job_config, write_mechanism_report, write_report
+from sfseg.sweeps import load_job_config, write_mechanism_report, write_report
 
 LOOK_ALIKE = ("look-alike", LOOK_ALIKE_CLASSES)
 CONTROLS = ("controls", tuple(name for name in CONTEXT_CLASSES if name not in LOOK_ALIKE_CLASSES))
@@ -51,6 +51,15 @@ MECHANISM_REGIME = (
     "trainer.check_val_every_n_epoch=1000",
 )
 MECHANISM_STEPS = 1000
+PAPER_TABLE6_CELLS = (
+    "single_none",
+    "single_anl",
+    "single_c2f",
+    "pyramidal_none",
+    "pyramidal_anl",
+    "pyramidal_anl_multi",
+    "pyramidal_c2f",
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,8 @@ PRESETS: dict[str, Preset] = {
     ),
     "mechanism_table6": Preset(
         "mechanism_table6",
-        ("experiment=table6", *MECHANISM_REGIME),
+        # the paper's cells (none / anl / anl_multi / c2f); OCR and CCNet are left to the full table6
+        ("experiment=table6", *MECHANISM_REGIME, f"cell={','.join(PAPER_TABLE6_CELLS)}"),
         MECHANISM_STEPS,
         "0",
         report_layout_and_look_alike,

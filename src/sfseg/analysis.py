@@ -119,3 +119,19 @@ def unity_precision_recall(counts: Tensor) -> tuple[Tensor, Tensor]:
     precision = torch.where(predicted > 0, true_positive / predicted.clamp(min=1), torch.nan)
     recall = torch.where(actual > 0, true_positive / actual.clamp(min=1), torch.nan)
     return precision, recall
+
+
+def reliability(cells: Tensor, unity_cells: Tensor, probability_sum: Tensor) -> dict[str, Tensor]:
+    """A reliability diagram and the expected calibration error from `unity_calibration_counts`
+    ([..., bins] each): per bin the mean predicted unity probability and the observed share of true
+    unity cells (NaN for an empty bin), and ECE [...] = sum over bins of (cells in the bin / all cells)
+    * |observed - mean predicted| (NaN without cells)."""
+    cells = cells.double()
+    occupied = cells > 0
+    mean_predicted = torch.where(occupied, probability_sum / cells.clamp(min=1), torch.nan)
+    observed = torch.where(occupied, unity_cells.double() / cells.clamp(min=1), torch.nan)
+    total = cells.sum(-1)
+    # n_b |o_b - p_b| = |unity cells_b - probability sum_b|: no division by an empty bin.
+    gap = (unity_cells.double() - probability_sum).abs().sum(-1)
+    ece = torch.where(total > 0, gap / total.clamp(min=1), torch.nan)
+    return {"mean_predicted": mean_predicted, "observed": observed, "ece": ece}

@@ -1,12 +1,16 @@
 """Benchmark harness (not a test): what the pyramid costs next to the plain single-output path.
 
-    python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick]
+    python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick] [--threads N] [--ckpt CKPT] [--profile]
 
 Writes <out>/results.json and <out>/results.md with, measured side by side in one run:
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
   (b) fuse against an argmax over the finest logits (what a single-output model does instead);
-  (c) inference latency and forward memory of backbone + FCNHead against backbone + the
-      Specialize-and-Fuse heads with context none / anl / c2f (PyramidSegmenter.predict).
+  (c) Table 5 in full: backbone + FCNHead against backbone + the Specialize-and-Fuse heads with
+      context none / anl / anl_multi / c2f: inference latency, peak memory and GMACs on the dense
+      path and on the sparse path (sfseg.inference.image_logits) at forced shares of undecided finest
+      cells and, with --ckpt, at the shares a trained checkpoint gives on its validation split;
+      training step time and peak memory; parameters;
+  (d) with --profile, torch.profiler's top operators of FCN and of c2f sparse.
 Times are medians over repeats after warm-up, with the variants interleaved (the order rotates
 every round) so that drift of the machine hits every variant alike.
 """
@@ -35,10 +39,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sfseg.inference import evaluate, image_logits, load
+from sfseg.inference.sparse import even_level_shares, forced_unity, unity_logits_for_shares
 from sfseg.models import FCNHead, PyramidSegmenter, create_backbone
-from sfseg.pyramid import IGNORE_INDEX, build_targets, fuse, level_strides, relabel
+from sfseg.pyramid import (
+    FINEST_STRIDE,
+    IGNORE_INDEX,
+    build_targets,
+    fuse,
+    level_strides,
+    pyramid_loss,
+    relabel,
+)
 
-MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_c2f")
+MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_anl_multi", "sf_c2f")
+# Shares of finest cells that no coarser level decides; 0.33 is about what the trained embedded
+# default leaves (the goals are stated there).
+SHARES = (0.25, 0.33, 0.5, 0.75, 1.0)
+PROFILE_SHARE = 0.33
+PROFILE_CALLS = 3
 TAU = 0.9
 
 
@@ -54,8 +73,13 @@ class BenchConfig:
     image_size: int = 512
     repeats: int = 20
     warmup: int = 3
-    model_repeats: int = 10
-    model_warmup: int = 2
+    model_repeats: int = 7
+    model_warmup: int = 1
+    shares: tuple[float, ...] = SHARES
+    train_batch: int = 2
+    train_size: int = 512
+    train_repeats: int = 5
+    train_warmup: int = 1
 
 
 QUICK = BenchConfig(
@@ -69,6 +93,9 @@ QUICK = BenchConfig(
     warmup=1,
     model_repeats=2,
     model_warmup=1,
+    shares=(0.5,),
+    train_size=128,
+    train_repeats=1,
 )
 
 
@@ -189,14 +216,87 @@ class FCNBaseline(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_variant(name: str, cfg: BenchConfig) -> tuple[nn.Module, Callable[[Tensor], object]]:
-    """The model and its inference call (image-size logits) for one benchmark variant."""
+@dataclass(frozen=True)
+class Case:
+    """One inference row of Table 5: a variant on the dense path, or on the sparse path with the unity
+    pyramid forced so that the fuse takes `level_shares` of the finest cells from each level."""
+
+    variant: str
+    level_shares: tuple[float, ...] | None = None  # None: the dense path
+    source: str = "forced"  # forced | checkpoint
+
+    @property
+    def name(self) -> str:
+        if self.level_shares is None:
+            return self.variant
+        return f"{self.variant}@{'ckpt' if self.source == 'checkpoint' else self.level_shares[-1]}"
+
+    @property
+    def path(self) -> str:
+        return "dense" if self.level_shares is None else "sparse"
+
+
+def model_cases(cfg: BenchConfig, checkpoint_shares: list[float] | None) -> list[Case]:
+    """Every variant dense, then every S&F variant sparse at each forced share (the decided cells
+    split evenly over levels 1..L-1) and at the checkpoint's own shares per level."""
+    cases = [Case(variant) for variant in MODEL_VARIANTS]
+    for variant in MODEL_VARIANTS[1:]:
+        cases += [Case(variant, tuple(even_level_shares(share, cfg.num_levels))) for share in cfg.shares]
+        if checkpoint_shares is not None:
+            cases.append(Case(variant, tuple(checkpoint_shares), source="checkpoint"))
+    return cases
+
+
+def build_variant(name: str, cfg: BenchConfig) -> nn.Module:
     if name == "fcn":
-        model = FCNBaseline(cfg.backbone, cfg.num_classes)
-        return model, model
-    context = name.removeprefix("sf_")
-    segmenter = PyramidSegmenter(cfg.backbone, cfg.num_classes, cfg.num_levels, context=context)
-    return segmenter, lambda images: segmenter.predict(images, TAU)
+        return FCNBaseline(cfg.backbone, cfg.num_classes)
+    return PyramidSegmenter(cfg.backbone, cfg.num_classes, cfg.num_levels, context=name.removeprefix("sf_"))
+
+
+def inference_call(
+    model: nn.Module, case: Case, cfg: BenchConfig, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """What one inference of `case` runs: FCN's forward, or sfseg.inference.image_logits (heads, fuse,
+    upsampling), sparse under the forced unity pyramid. Returns the level map (FCN: the logits)."""
+    if case.variant == "fcn":
+        return model
+    if case.level_shares is None:
+        return lambda images: image_logits(model, images, TAU, sparse=False)[1]
+    finest = cfg.image_size // FINEST_STRIDE
+    unity = unity_logits_for_shares([case.level_shares], (finest, finest), device=device)
+
+    def infer(images: Tensor) -> Tensor:
+        with forced_unity(model, unity):
+            return image_logits(model, images, TAU, sparse=True)[1]
+
+    return infer
+
+
+def training_call(
+    model: nn.Module, variant: str, cfg: BenchConfig, device: torch.device
+) -> Callable[[], None]:
+    """One training step (forward, loss, backward, SGD step) on a realistic label batch. FCN: cross
+    entropy on the upsampled logits; S&F: relabel(true_positive) and Eq. 1 as in training, with the
+    pyramid targets built beforehand (the datamodule builds them with the batch)."""
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(cfg.train_batch, 3, cfg.train_size, cfg.train_size, generator=gen).to(device)
+    labels = realistic_labels(cfg.train_batch, cfg.train_size, cfg.num_classes, seed=5).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    targets = build_targets(labels, cfg.num_levels)
+
+    def loss() -> Tensor:
+        if variant == "fcn":
+            return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX)
+        out = model(images)
+        relabelled = relabel(targets, out.unity, "true_positive", TAU)
+        return pyramid_loss(out.semantic, out.unity, relabelled).total
+
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # no gradient held between steps
+
+    return step
 
 
 def _images(cfg: BenchConfig, device: torch.device) -> Tensor:
@@ -212,16 +312,25 @@ def _proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def cpu_forward_memory(name: str, cfg: BenchConfig) -> float:
-    """Peak-RSS growth (MB) over the first forward of a freshly built model, in its own process.
+def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
+    """Peak-RSS growth (MB) over the first inference (or training step) of a freshly built model, in
+    its own process.
 
     Linux: the peak (VmHWM, what ru_maxrss reports) is reset to the current RSS right before the
-    forward, because a process started by a big parent inherits the parent's ru_maxrss through
+    call, because a process started by a big parent inherits the parent's ru_maxrss through
     exec and would then show no growth. Elsewhere: the ru_maxrss difference.
     """
-    model, infer = build_variant(name, cfg)
-    model.eval()
-    images = _images(cfg, torch.device("cpu"))
+    device = torch.device("cpu")
+    model = build_variant(case.variant, cfg).train(train)
+    if train:
+        call = training_call(model, case.variant, cfg, device)
+    else:
+        infer, images = inference_call(model, case, cfg, device), _images(cfg, device)
+
+        def call() -> None:
+            with torch.inference_mode():
+                infer(images)
+
     gc.collect()
     clear_refs = Path("/proc/self/clear_refs")
     if clear_refs.exists():
@@ -229,19 +338,20 @@ def cpu_forward_memory(name: str, cfg: BenchConfig) -> float:
         before = _proc_status_mb("VmRSS")
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
-    with torch.inference_mode():
-        infer(images)
+    call()
     if clear_refs.exists():
         return _proc_status_mb("VmHWM") - before
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before
 
 
-def _cpu_memory_in_subprocess(name: str, quick: bool) -> float:
+def _cpu_memory_in_subprocess(case: Case, quick: bool, train: bool = False) -> float:
     child_args = [
         "--memory-child",
-        name,
+        case.variant,
         f"--threads={torch.get_num_threads()}",
         *(["--quick"] if quick else []),
+        *(["--child-train"] if train else []),
+        *([f"--child-shares={','.join(map(str, case.level_shares))}"] if case.level_shares else []),
     ]
     command = [sys.executable, "-m", "sfseg.bench", *child_args]
     # Large blocks are mmapped and unmapped on free, so memory freed while building the model does
@@ -251,63 +361,176 @@ def _cpu_memory_in_subprocess(name: str, quick: bool) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def bench_models(cfg: BenchConfig, device: torch.device, quick: bool) -> dict[str, object]:
-    built = {name: build_variant(name, cfg) for name in MODEL_VARIANTS}
+def cuda_peak_memory(call: Callable[[], object], device: torch.device) -> float:
+    """torch.cuda.max_memory_allocated during `call`, minus what was allocated before it (MB)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def _undecided_share(level_map: Tensor, num_levels: int) -> float:
+    return (level_map == num_levels - 1).float().mean().item()
+
+
+def measure_inference(
+    cases: list[Case], models: dict[str, nn.Module], cfg: BenchConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Per case: median latency (interleaved), GMACs, the undecided share on the level map of the
+    run (sparse cases) and, on CUDA, peak memory."""
+    calls = {case.name: inference_call(models[case.variant], case, cfg, device) for case in cases}
     images = _images(cfg, device)
-    for model, _ in built.values():
-        model.to(device).eval()
     with torch.inference_mode():
-        latency = interleaved_medians(
-            {name: (lambda infer=infer: infer(images)) for name, (_, infer) in built.items()},
-            cfg.model_repeats,
-            cfg.model_warmup,
-            device,
-        )
-        memory: dict[str, float] = {}
-        if device.type == "cuda":
-            for name, (_, infer) in built.items():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                infer(images)
-                memory[name] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-        # Multiply-accumulates: a noise-free cost that explains the measured latency ratios.
-        gmacs = {name: _gmacs(infer, images) for name, (_, infer) in built.items()}
-    params = {name: _params_m(model) for name, (model, _) in built.items()}
-    if device.type == "cpu":
-        del built  # the children need the memory more than we do
-        gc.collect()
-        # Each child's peak is its own, so two run at once (one per core here) to save wall time.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            measured = pool.map(lambda name: _cpu_memory_in_subprocess(name, quick), MODEL_VARIANTS)
-            memory = dict(zip(MODEL_VARIANTS, measured, strict=True))
-    variants = {
-        name: {
-            "latency_ms": latency[name],
-            "latency_ratio": latency[name] / latency["fcn"],
-            "memory_mb": memory[name],
-            "memory_ratio": memory[name] / memory["fcn"],
-            "params_m": params[name],
-            "gmacs": gmacs[name],
+        measured = {
+            "latency": interleaved_medians(
+                {name: (lambda infer=infer: infer(images)) for name, infer in calls.items()},
+                cfg.model_repeats,
+                cfg.model_warmup,
+                device,
+            ),
+            # Multiply-accumulates of the ops actually dispatched: gathered cells count at their number.
+            "gmacs": {name: _gmacs(infer, images) for name, infer in calls.items()},
+            "share": {
+                case.name: _undecided_share(calls[case.name](images), cfg.num_levels)
+                for case in cases
+                if case.level_shares is not None
+            },
         }
-        for name in MODEL_VARIANTS
+        if device.type == "cuda":
+            measured["memory"] = {
+                name: cuda_peak_memory(lambda infer=infer: infer(images), device)
+                for name, infer in calls.items()
+            }
+    return measured
+
+
+def measure_training(
+    models: dict[str, nn.Module], cfg: BenchConfig, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Per variant: median training step time (interleaved) and, on CUDA, peak memory."""
+    for model in models.values():
+        model.train()
+    steps = {variant: training_call(model, variant, cfg, device) for variant, model in models.items()}
+    measured = {"train_step": interleaved_medians(steps, cfg.train_repeats, cfg.train_warmup, device)}
+    if device.type == "cuda":
+        measured["train_memory"] = {
+            variant: cuda_peak_memory(step, device) for variant, step in steps.items()
+        }
+    return measured
+
+
+def measure_cpu_memory(cases: list[Case], quick: bool) -> dict[str, dict[str, float]]:
+    """Peak RSS growth of each case's inference and each variant's training step, in fresh processes:
+    two inference children at once (one per core here), training children one at a time (GBs each)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        measured = pool.map(lambda case: _cpu_memory_in_subprocess(case, quick), cases)
+        memory = dict(zip((case.name for case in cases), measured, strict=True))
+    train_memory = {
+        variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in MODEL_VARIANTS
     }
-    method = (
-        "torch.cuda.max_memory_allocated during the forward minus the memory allocated before it"
-        if device.type == "cuda"
-        else "peak RSS growth (VmHWM = ru_maxrss, reset before) over the first forward, "
-        "each variant in a fresh process"
-    )
+    return {"memory": memory, "train_memory": train_memory}
+
+
+def table5_rows(
+    cases: list[Case], measured: dict[str, dict[str, float]], params: dict[str, float]
+) -> list[dict]:
+    """One row per case, with its ratios to FCN; dense rows carry their variant's training step."""
+    rows = []
+    for case in cases:
+        row = {
+            "case": case.name,
+            "variant": case.variant,
+            "path": case.path,
+            "share_source": None if case.level_shares is None else case.source,
+            "level_shares": None if case.level_shares is None else list(case.level_shares),
+            "undecided_share": measured["share"].get(case.name),
+            "params_m": params[case.variant],
+        }
+        keys = {"latency": "latency_ms", "memory": "memory_mb", "gmacs": "gmacs"}
+        if case.level_shares is None:
+            keys |= {"train_step": "train_step_ms", "train_memory": "train_memory_mb"}
+        for kind, key in keys.items():
+            by = case.name if kind in ("latency", "memory", "gmacs") else case.variant
+            row[key] = measured[kind][by]
+            row[f"{kind}_ratio"] = measured[kind][by] / measured[kind]["fcn"]
+        rows.append(row)
+    return rows
+
+
+def bench_models(
+    cfg: BenchConfig, device: torch.device, quick: bool, checkpoint_shares: list[float] | None = None
+) -> dict[str, object]:
+    """Table 5: every case's inference latency, peak memory and GMACs; every variant's training step
+    time and peak memory (training is always dense) and parameters. Ratios are to FCN in this run."""
+    cases = model_cases(cfg, checkpoint_shares)
+    models = {variant: build_variant(variant, cfg).to(device).eval() for variant in MODEL_VARIANTS}
+    params = {variant: _params_m(model) for variant, model in models.items()}
+    measured = measure_inference(cases, models, cfg, device) | measure_training(models, cfg, device)
+    del models
+    gc.collect()  # the memory children need the memory more than we do
+    if device.type == "cpu":
+        measured |= measure_cpu_memory(cases, quick)
+        method = (
+            "peak RSS growth (VmHWM = ru_maxrss, reset before) over the first call, each case in a fresh "
+            "process"
+        )
+    else:
+        method = "torch.cuda.max_memory_allocated during the call minus the memory allocated before it"
     return {
         "backbone": cfg.backbone,
         "image_size": cfg.image_size,
         "batch": 1,
+        "train_batch": cfg.train_batch,
+        "train_size": cfg.train_size,
         "num_classes": cfg.num_classes,
         "num_levels": cfg.num_levels,
-        "call": "FCN: head + bilinear upsampling; S&F: PyramidSegmenter.predict (heads, fuse, upsampling)",
+        "tau": TAU,
+        "call": "FCN: head + bilinear upsampling; S&F: sfseg.inference.image_logits (heads, fuse, upsampling), "
+        "dense (sparse=False) or sparse under a forced unity pyramid",
+        "train_call": "forward, loss (FCN: cross entropy; S&F: relabel true_positive + Eq. 1), backward, SGD step",
         "memory_method": method,
-        "variants": variants,
+        "checkpoint_level_shares": checkpoint_shares,
+        "rows": table5_rows(cases, measured, params),
     }
+
+
+def checkpoint_level_shares(ckpt_path: Path, num_levels: int, device: torch.device) -> list[float]:
+    """The share of finest cells the fuse takes from each level, coarse to fine, over the validation
+    split of a trained checkpoint's run (`specialization.json`'s parsimony, single-scale whole image)."""
+    predictor = load(ckpt_path, device=device)
+    if predictor.levels != num_levels:
+        raise ValueError(
+            f"--ckpt {ckpt_path} has L={predictor.levels} levels; the benchmark's models have L={num_levels}"
+        )
+    datamodule = predictor.datamodule()
+    datamodule.setup("validate")
+    evaluation = evaluate(predictor, datamodule.val_dataloader(), progress=False)
+    return list(evaluation.specialization()["parsimony"]["share_per_level"].values())
+
+
+def profile_table(cfg: BenchConfig, device: torch.device, share: float, rows: int = 20) -> dict[str, str]:
+    """torch.profiler's top operators by self time over PROFILE_CALLS inferences (after warm-up): FCN
+    and S&F c2f sparse at `share` undecided."""
+    tables = {}
+    images = _images(cfg, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for case in (Case("fcn"), Case("sf_c2f", tuple(even_level_shares(share, cfg.num_levels)))):
+        model = build_variant(case.variant, cfg).to(device).eval()
+        infer = inference_call(model, case, cfg, device)
+        with torch.inference_mode():
+            for _ in range(cfg.model_warmup):
+                infer(images)
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(PROFILE_CALLS):
+                    infer(images)
+                _sync(device)
+        tables[case.name] = profiler.key_averages().table(sort_by=sort_by, row_limit=rows)
+    return tables
 
 
 def _gmacs(infer: Callable[[Tensor], object], images: Tensor) -> float:
@@ -327,8 +550,11 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run(cfg: BenchConfig, device: torch.device, quick: bool) -> dict[str, object]:
+def run(
+    cfg: BenchConfig, device: torch.device, quick: bool, ckpt: Path | None = None, profile: bool = False
+) -> dict[str, object]:
     load_before = os.getloadavg()[0]
+    checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
     results = {
         "meta": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -338,15 +564,22 @@ def run(cfg: BenchConfig, device: torch.device, quick: bool) -> dict[str, object
             "torch": torch.__version__,
             "timm": timm.__version__,
             "quick": quick,
+            "checkpoint": str(ckpt) if ckpt else None,
             "config": asdict(cfg),
         },
         "targets": bench_targets(cfg, device),
         "fuse": bench_fuse(cfg, device),
-        "models": bench_models(cfg, device, quick),
+        "models": bench_models(cfg, device, quick, checkpoint_shares),
     }
+    if profile:
+        results["profile"] = profile_table(cfg, device, PROFILE_SHARE)
     # Other processes on the machine skew CPU timings; the 1-minute load average shows how much.
     results["meta"]["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return results
+
+
+def _cell(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def to_markdown(results: dict) -> str:
@@ -375,24 +608,55 @@ def to_markdown(results: dict) -> str:
         "",
         f"Unity-cell share of the labels, coarse to fine: {results['targets']['unity_cell_share']}.",
         "",
-        f"## Inference: {models['backbone']}, {models['image_size']}x{models['image_size']}, batch 1, "
-        f"{models['num_classes']} classes, L={models['num_levels']} (median of {cfg['model_repeats']})",
-        "",
-        "| variant | latency (ms) | vs FCN | forward memory (MB) | vs FCN | GMACs | params (M) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        *table5_markdown(models, cfg, meta["checkpoint"]),
     ]
-    for name, row in models["variants"].items():
+    for name, table in results.get("profile", {}).items():
+        lines += [f"## Profile: {name}, top operators by self time over {PROFILE_CALLS} calls", ""]
+        lines += ["```", table.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def table5_markdown(models: dict, cfg: dict, checkpoint: str | None) -> list[str]:
+    size, train_size = models["image_size"], models["train_size"]
+    lines = [
+        f"## Table 5: {models['backbone']}, {models['num_classes']} classes, L={models['num_levels']}, "
+        f"tau={models['tau']}",
+        "",
+        f"Inference: batch 1, {size}x{size} (median of {cfg['model_repeats']}). Training step: batch "
+        f"{models['train_batch']}, {train_size}x{train_size} (median of {cfg['train_repeats']}); training is "
+        "dense on every path. Ratios are to FCN in this run. `share` is the share of finest cells no coarser "
+        "level decided, measured on the level map of the run.",
+        "",
+        "| variant | path | share | latency (ms) | vs FCN | inference memory (MB) | vs FCN | GMACs | vs FCN "
+        "| train step (ms) | vs FCN | train memory (MB) | vs FCN | params (M) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in models["rows"]:
+        share = _cell(row["undecided_share"], 3) + (" (ckpt)" if row["share_source"] == "checkpoint" else "")
         lines.append(
-            f"| {name} | {row['latency_ms']:.1f} | {row['latency_ratio']:.2f}x | {row['memory_mb']:.0f} | "
-            f"{row['memory_ratio']:.2f}x | {row['gmacs']:.1f} | {row['params_m']:.1f} |"
+            f"| {row['variant']} | {row['path']} | {share} | {row['latency_ms']:.1f} | "
+            f"{row['latency_ratio']:.2f}x | {row['memory_mb']:.0f} | {row['memory_ratio']:.2f}x | "
+            f"{row['gmacs']:.1f} | {row['gmacs_ratio']:.3f}x | {_cell(row.get('train_step_ms'))} | "
+            f"{_cell(row.get('train_step_ratio'), 2, 'x')} | {_cell(row.get('train_memory_mb'), 0)} | "
+            f"{_cell(row.get('train_memory_ratio'), 2, 'x')} | {row['params_m']:.1f} |"
         )
+    shares = models["checkpoint_level_shares"]
     lines += [
         "",
-        f"Calls: {models['call']}.",
-        f"Forward memory: {models['memory_method']}.",
+        "Sparse rows force the unity pyramid (`sfseg.inference.sparse`): the decided finest cells are split "
+        "evenly over levels 1..L-1 at random positions"
+        + (
+            f"; the ckpt rows use the checkpoint's own shares per level, coarse to fine "
+            f"{[round(share, 3) for share in shares]} ({checkpoint})"
+            if shares
+            else ""
+        )
+        + ".",
+        f"Calls: {models['call']}. Training step: {models['train_call']}.",
+        f"Memory: {models['memory_method']}.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -403,17 +667,30 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--threads", type=int, help="CPU threads (default: torch's); 1 keeps timings steady on a shared box"
     )
+    parser.add_argument(
+        "--ckpt", type=Path, help="a trained checkpoint: add sparse rows at its validation split's shares"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"add torch.profiler tables (FCN, c2f sparse at {PROFILE_SHARE})",
+    )
     parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-shares", help=argparse.SUPPRESS)
+    parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
     if args.memory_child:
-        print(cpu_forward_memory(args.memory_child, cfg))
+        shares = tuple(float(share) for share in args.child_shares.split(",")) if args.child_shares else None
+        print(cpu_peak_memory(Case(args.memory_child, shares), cfg, train=args.child_train))
         return None
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    results = run(cfg, torch.device(args.device), args.quick)
+    if args.ckpt is not None and not args.ckpt.is_file():
+        parser.error(f"--ckpt {args.ckpt}: no such checkpoint file")
+    results = run(cfg, torch.device(args.device), args.quick, args.ckpt, args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(to_markdown(results))

@@ -9,14 +9,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from sfseg.analysis import pixel_levels
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import level_strides
+from sfseg.runs import LAST_CHECKPOINT
 from sfseg.visualize import denormalize
 
 
@@ -27,14 +28,12 @@ class LastCheckpoint(L.Callback):
     `every_n_train_steps`. Lightning writes checkpoints through a temporary file, so a kill during a
     save leaves the previous last.ckpt whole."""
 
-    FILENAME = "last.ckpt"
-
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 100) -> None:
         if every_n_train_steps < 1:
             raise ValueError(
                 f"callbacks.last_checkpoint.every_n_train_steps must be >= 1, got {every_n_train_steps}"
             )
-        self.path = Path(dirpath) / self.FILENAME
+        self.path = Path(dirpath) / LAST_CHECKPOINT
         self.every_n_train_steps = every_n_train_steps
         self._saved_step = -1
 
@@ -150,9 +149,7 @@ class WandbPyramidMedia(L.Callback):
         class_labels = dict(enumerate(pl_module.class_names))
         class_labels[ignore_index] = "ignore"
         # level_map holds 0..L-1 (coarse to fine) per finest cell; one value per pixel for the overlay.
-        level_pixels = F.interpolate(level_map[None, None].float(), size=label.shape[-2:], mode="nearest")[
-            0, 0
-        ]
+        level_pixels = pixel_levels(level_map[None], label.shape[-2:])[0]
         strides = level_strides(pl_module.levels)
         level_labels = {index: f"level {index + 1} (stride {stride})" for index, stride in enumerate(strides)}
         return wandb.Image(

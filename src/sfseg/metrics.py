@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -15,11 +16,18 @@ from sfseg.analysis import (
     iou_minus_fused,
     labels_per_level,
     mean_iou,
+    reliability,
     specialization_confusion,
     specialization_miou,
     unity_precision_recall,
 )
-from sfseg.pyramid import IGNORE_INDEX, level_counts, unity_counts
+from sfseg.pyramid import (
+    IGNORE_INDEX,
+    check_tau,
+    level_counts,
+    unity_calibration_counts,
+    unity_counts,
+)
 
 
 def confusion_matrix(
@@ -184,3 +192,97 @@ class PyramidMetrics(_SyncedMetric):
                 "unity_precision": precision,
                 "unity_recall": recall,
             }
+
+
+class UnityCalibration(_SyncedMetric):
+    """The unity pyramid's calibration over a split: per unity level and per bin of predicted unity
+    probability, the cells with a valid pixel, the true unity cells among them and the sum of their
+    predicted probabilities (sums, so under DDP the ranks' states add up to the whole split's)."""
+
+    full_state_update = False
+
+    def __init__(
+        self, num_levels: int, num_bins: int = 10, ignore_index: int = IGNORE_INDEX, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if num_bins < 1:
+            raise ValueError(f"eval.calibration_bins must be >= 1, got {num_bins}")
+        self.num_bins = num_bins
+        self.ignore_index = ignore_index
+        shape = (max(num_levels - 1, 0), num_bins)
+        self.add_state("cells", torch.zeros(shape, dtype=torch.long), "sum")
+        self.add_state("unity_cells", torch.zeros(shape, dtype=torch.long), "sum")
+        self.add_state("probability", torch.zeros(shape, dtype=torch.float64), "sum")
+
+    def update(self, unity_logits: list[Tensor], unity_targets: list[Tensor]) -> None:
+        if not unity_logits:
+            return
+        cells, unity_cells, probability = unity_calibration_counts(
+            unity_logits, unity_targets, self.num_bins, self.ignore_index
+        )
+        self.cells += cells
+        self.unity_cells += unity_cells
+        self.probability += probability
+
+    def compute(self) -> dict[str, Tensor]:
+        """Per unity level [L-1, bins]: cells, unity_cells, mean_predicted and observed (NaN in an
+        empty bin); ece [L-1]; edges [bins + 1] of the probability bins."""
+        return {
+            "edges": torch.linspace(0, 1, self.num_bins + 1, dtype=torch.float64),
+            "cells": self.cells.clone(),
+            "unity_cells": self.unity_cells.clone(),
+            **reliability(self.cells, self.unity_cells, self.probability),
+        }
+
+
+class TauSweepMetrics(_SyncedMetric):
+    """The fused output re-scored at several unity thresholds on the same pyramids: per tau, the
+    confusion matrix and, per level, the finest cells and the labels the fused map takes from it."""
+
+    full_state_update = False
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_levels: int,
+        taus: Sequence[float],
+        ignore_index: int = IGNORE_INDEX,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not taus:
+            raise ValueError("eval.tau_sweep needs at least one tau")
+        self.taus = [check_tau(tau, "eval.tau_sweep") for tau in taus]
+        self.num_classes = num_classes
+        self.num_levels = num_levels
+        self.ignore_index = ignore_index
+        count = len(self.taus)
+        self.add_state("confmat", torch.zeros(count, num_classes, num_classes, dtype=torch.long), "sum")
+        self.add_state("cells", torch.zeros(count, num_levels, dtype=torch.long), "sum")
+        self.add_state("labels", torch.zeros(count, num_levels, dtype=torch.long), "sum")
+
+    def update(self, tau_index: int, fused_pred: Tensor, target: Tensor, level_map: Tensor) -> None:
+        """The fused prediction [B, H, W] and level map [B, h_L, w_L] at `self.taus[tau_index]`."""
+        self.confmat[tau_index] += confusion_matrix(fused_pred, target, self.num_classes, self.ignore_index)
+        self.cells[tau_index] += level_counts(level_map, self.num_levels).to(self.cells)
+        self.labels[tau_index] += labels_per_level(level_map, self.num_levels).to(self.labels)
+
+    def compute(self) -> list[dict[str, float]]:
+        """One row per tau: tau, mIoU, pixel and mean accuracy, the share of finest cells per level,
+        the labels taken (one per level-l cell) and labels per finest cell."""
+        rows = []
+        for tau, confmat, cells, labels in zip(self.taus, self.confmat, self.cells, self.labels, strict=True):
+            scores = segmentation_scores(confmat)
+            shares = (cells.double() / cells.sum().clamp(min=1)).tolist()
+            rows.append(
+                {
+                    "tau": tau,
+                    "mIoU": scores["mIoU"],
+                    "pixel_acc": scores["pixel_acc"],
+                    "mean_acc": scores["mean_acc"],
+                    **{f"share_level{level}": share for level, share in enumerate(shares, start=1)},
+                    "labels": int(labels.sum()),
+                    "labels_per_finest_cell": float(labels.sum() / cells.sum().clamp(min=1)),
+                }
+            )
+        return rows

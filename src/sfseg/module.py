@@ -9,19 +9,22 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor
 
+from sfseg.inference import Predictor, fused_logits, level_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
-from sfseg.pyramid import IGNORE_INDEX, RELABEL_POLICIES, fuse, pyramid_loss, relabel, unity_logit_threshold
-
-
-def plain(value: Any) -> Any:
-    """A DictConfig/ListConfig as the plain dict/list it stands for; anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
+from sfseg.pyramid import (
+    IGNORE_INDEX,
+    RELABEL_POLICIES,
+    SEMANTIC_LOSSES,
+    Ohem,
+    pyramid_loss,
+    relabel,
+    semantic_ce,
+    unity_logit_threshold,
+)
+from sfseg.runs import plain
 
 DEFAULT_OPTIMIZER = {
     "lr": 0.01,
@@ -30,6 +33,38 @@ DEFAULT_OPTIMIZER = {
     "poly_power": 0.9,
     "head_lr_mult": 1.0,
 }
+# HRNet-OCR's LOSS.BALANCE_WEIGHTS [0.4, 1]: the weight of its auxiliary head's CE (model.context.aux_weight).
+OCR_AUX_WEIGHT = 0.4
+
+
+def semantic_loss(config: Mapping[str, Any] | None) -> Ohem | None:
+    """model.loss as the criterion of Eq. 1's CE terms: None for `ce` (plain CE, the default and the
+    paper's text), the OHEM settings for `ohem` (HRNet-OCR's config)."""
+    config = dict(config or {"name": "ce"})
+    name = config.pop("name", None)
+    if name not in SEMANTIC_LOSSES:
+        raise ValueError(f"model.loss.name={name!r} is not one of {', '.join(SEMANTIC_LOSSES)}")
+    allowed = {"ce": set(), "ohem": {"thresh", "min_kept"}}[name]
+    if set(config) - allowed:
+        raise ValueError(
+            f"model.loss has unknown keys {sorted(set(config) - allowed)} for model.loss.name={name}; "
+            f"allowed: {sorted(allowed) or 'none'}"
+        )
+    return Ohem(**config) if name == "ohem" else None
+
+
+def auxiliary_weight(context: Mapping[str, Any]) -> float:
+    """model.context.aux_weight: the weight of OCR's auxiliary CE in the total loss (0.4); OCR only."""
+    weight = context.get("aux_weight", OCR_AUX_WEIGHT if context["name"] == "ocr" else None)
+    if context["name"] != "ocr":
+        if weight is not None:
+            raise ValueError(
+                f"model.context.aux_weight applies to model.context.name=ocr only, not {context['name']!r}"
+            )
+        return 0.0
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        raise ValueError(f"model.context.aux_weight must be a number >= 0, got {weight!r}")
+    return float(weight)
 
 
 class SpecializeAndFuseModule(L.LightningModule):
@@ -48,14 +83,16 @@ class SpecializeAndFuseModule(L.LightningModule):
         optimizer: Mapping[str, float] | None = None,
         ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
+        loss: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
-        backbone, context, relabel, optimizer = (
+        backbone, context, relabel, optimizer, loss = (
             plain(backbone),
             plain(context),
             plain(relabel),
             plain(optimizer),
+            plain(loss),
         )
         policy = relabel["policy"]
         if policy not in RELABEL_POLICIES:
@@ -66,6 +103,8 @@ class SpecializeAndFuseModule(L.LightningModule):
             raise ValueError(
                 f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
             )
+        self.ohem = semantic_loss(loss)
+        self.aux_weight = auxiliary_weight(context)
         self.save_hyperparameters()
         self.policy = policy
         self.tau = tau
@@ -73,16 +112,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.net = PyramidSegmenter(
-            backbone=backbone["name"],
-            num_classes=num_classes,
-            num_levels=levels,
-            context=context["name"],
-            unity_channels=unity_channels,
-            semantic_channels=semantic_channels,
-            pretrained=bool(backbone.get("pretrained", False)),
-            weights=backbone.get("weights"),
-        )
+        self.net = PyramidSegmenter.from_hparams(self.hparams)
         self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
@@ -92,17 +122,35 @@ class SpecializeAndFuseModule(L.LightningModule):
     def forward(self, images: Tensor) -> PyramidOutput:
         return self.net(images)
 
+    def predictor(self, palette: Sequence[tuple[int, int, int]] = ()) -> Predictor:
+        """The trained network as a `sfseg.inference.Predictor` (puts it in eval mode)."""
+        return Predictor(
+            net=self.net,
+            class_names=self.class_names,
+            tau=self.tau,
+            device=self.device,
+            ignore_index=self.ignore_index,
+            palette=list(palette),
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.net(batch["image"])
         targets = relabel(batch["targets"], out.unity, self.policy, self.tau)
-        loss = pyramid_loss(out.semantic, out.unity, targets)
+        loss = pyramid_loss(out.semantic, out.unity, targets, self.ohem)
+        total = loss.total
         batch_size = batch["image"].shape[0]
         terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
         terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
-        self._check_finite({"train/loss": loss.total, **terms})
-        self.log("train/loss", loss.total, prog_bar=True, batch_size=batch_size)
+        if out.auxiliary is not None:
+            # OCR's auxiliary head, against the finest labels before relabelling: it must find the
+            # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
+            aux = semantic_ce(out.auxiliary, batch["targets"].semantic[-1], self.ignore_index)
+            terms["train/ocr_aux_ce"] = aux
+            total = total + self.aux_weight * aux
+        self._check_finite({"train/loss": total, **terms})
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         self.log_dict(terms, batch_size=batch_size)
-        return loss.total
+        return total
 
     def _check_finite(self, terms: dict[str, Tensor]) -> None:
         """Stop at the first NaN/inf loss, naming the step and Eq. 1's term; one check per step."""
@@ -125,13 +173,15 @@ class SpecializeAndFuseModule(L.LightningModule):
         out = self.net(batch["image"])
         label = batch["label"]
         targets = batch["targets"]
-        loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau))
+        loss = pyramid_loss(
+            out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau), self.ohem
+        )
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
-        fused, level_map = fuse(out.semantic, out.unity, self.tau)
-        fused_pred = self._to_label_size(fused, label)
+        fused, level_map = fused_logits(out, label.shape[-2:], self.tau)
+        fused_pred = fused.argmax(1)
         self.val_metrics.update(
             fused_pred=fused_pred,
-            level_preds=[self._to_label_size(logits, label) for logits in out.semantic],
+            level_preds=level_predictions(out, label.shape[-2:]),
             target=label,
             unity_logits=out.unity,
             unity_targets=targets.unity,
@@ -149,13 +199,6 @@ class SpecializeAndFuseModule(L.LightningModule):
             }
         self.log_dict({f"val/{name}": value for name, value in scores.items()})
         self.val_metrics.reset()
-
-    @staticmethod
-    def _to_label_size(logits: Tensor, label: Tensor) -> Tensor:
-        """Bilinear upsampling of logits to the label size, then argmax (as at test time)."""
-        return F.interpolate(
-            logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False
-        ).argmax(1)
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config

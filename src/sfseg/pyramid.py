@@ -10,6 +10,7 @@ index L-1 is level L. Level l has stride s_l = 4 * 2^(L-l); level L has the back
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor
 FINEST_STRIDE = 4
 IGNORE_INDEX = 255
 RELABEL_POLICIES = ("naive", "oracle", "true_positive")
+SEMANTIC_LOSSES = ("ce", "ohem")  # model.loss.name: Eq. 1's plain CE, or HRNet-OCR's OHEM CE
 
 
 def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[int]:
@@ -28,10 +30,16 @@ def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[i
     return [finest_stride * 2 ** (num_levels - 1 - i) for i in range(num_levels)]
 
 
+def check_tau(tau: float, key: str = "model.tau") -> float:
+    """A unity threshold in (0, 1), as a float; `key` names the setting in the error."""
+    if not 0.0 < tau < 1.0:
+        raise ValueError(f"{key} must be in the open interval (0, 1), got {tau}")
+    return float(tau)
+
+
 def unity_logit_threshold(tau: float) -> float:
     """The logit z with sigmoid(z) == tau: "predicted unity >= tau" is "logit >= this"."""
-    if not 0.0 < tau < 1.0:
-        raise ValueError(f"model.tau must be in the open interval (0, 1), got {tau}")
+    tau = check_tau(tau)
     return math.log(tau / (1.0 - tau))
 
 
@@ -171,15 +179,23 @@ def relabel(
     return PyramidTargets(semantic, unity, ignore)
 
 
-def _cells(x: Tensor, height: int, width: int) -> Tensor:
-    """View [..., height*a, width*b] as [..., height, a, width, b]: one slot per coarse cell."""
-    return x.reshape(*x.shape[:-2], height, x.shape[-2] // height, width, x.shape[-1] // width)
+def _cells(x: Tensor, factor: int) -> Tensor:
+    """View [..., h*factor, w*factor] as [..., h, factor, w, factor]: one slot per coarse cell.
+
+    The factor is a plain int, so under torch.export the shapes stay simple multiples of the input
+    size (a factor computed from two symbolic sizes makes the export several times slower)."""
+    *lead, height, width = x.shape
+    return x.reshape(*lead, height // factor, factor, width // factor, factor)
+
+
+def _coarse_slots(x: Tensor) -> Tensor:
+    """View [..., h, w] as [..., h, 1, w, 1], to broadcast a coarse map over `_cells` of a finer one."""
+    return x[..., :, None, :, None]
 
 
 def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
     """Set to ignore every element of `target` under a True cell of the coarser `coarse_mask`."""
-    height, width = coarse_mask.shape[-2:]
-    masked = torch.where(_cells(coarse_mask, height, width), ignore, _cells(target, height, width))
+    masked = torch.where(_coarse_slots(coarse_mask), ignore, _cells(target, _factor(target, coarse_mask)))
     return masked.reshape(target.shape)
 
 
@@ -205,26 +221,105 @@ def fuse(
     # level's logits; the others take this level's. Each step works at its own level's resolution and
     # never materialises an upsampled copy, so the cost is about one pass over the finest logits.
     threshold = unity_logit_threshold(tau)
+    strides = level_strides(levels)
     fused = semantic_logits[0]
     level_map = torch.zeros(fused.shape[:1] + fused.shape[2:], dtype=torch.long, device=fused.device)
     decided = unity_logits[0].float() >= threshold
     for level in range(1, levels):
         logits = semantic_logits[level]
-        factor = _factor(logits, fused)
-        fused = _keep_decided(decided.unsqueeze(1), fused, logits)
+        factor = strides[level - 1] // strides[level]  # 2: each level halves the stride
+        fused = _keep_decided(decided.unsqueeze(1), fused, logits, factor)
         level_map = repeat_cells(level_map, factor).masked_fill(~repeat_cells(decided, factor), level)
         if level < levels - 1:
             decided = repeat_cells(decided, factor) | (unity_logits[level].float() >= threshold)
     return fused, level_map
 
 
-def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor) -> Tensor:
+def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor, factor: int) -> Tensor:
     """where(Up(decided), Up(coarse), fine) for nearest Up, via broadcasting views (no upsampled copy)."""
-    height, width = coarse.shape[-2:]
-    kept = torch.where(
-        _cells(decided, height, width), _cells(coarse, height, width), _cells(fine, height, width)
-    )
+    kept = torch.where(_coarse_slots(decided), _coarse_slots(coarse), _cells(fine, factor))
     return kept.reshape(fine.shape)
+
+
+def kept_cells(
+    unity_logits: list[Tensor],
+    finest_shape: Sequence[int],
+    tau: float = 0.9,
+    device: torch.device | None = None,
+) -> list[Tensor]:
+    """Eq. 2 as masks: per level, coarse to fine, the cells [B, h_l, w_l] whose semantic logits the fuse
+    keeps, i.e. no coarser level decided them (predicted unity >= tau) and their own unity is >= tau
+    (level L: every cell no coarser level decided). Every finest cell lies under exactly one kept cell,
+    and the level map is l exactly under the kept cells of level l. finest_shape: [B, h_L, w_L]."""
+    threshold = unity_logit_threshold(tau)
+    kept: list[Tensor] = []
+    undecided: Tensor | None = None  # cells no coarser level decided, at the current level's resolution
+    for logits in unity_logits:
+        accept = logits.float() >= threshold
+        if undecided is not None:
+            undecided = repeat_cells(undecided, _factor(accept, undecided))
+            accept &= undecided
+        kept.append(accept)
+        undecided = ~accept if undecided is None else undecided & ~accept
+    if undecided is None:
+        kept.append(torch.ones(tuple(finest_shape), dtype=torch.bool, device=device))
+    else:
+        kept.append(repeat_cells(undecided, finest_shape[-1] // undecided.shape[-1]))
+    return kept
+
+
+@dataclass(frozen=True)
+class Ohem:
+    """Online hard example mining of the semantic CE terms (model.loss=ohem), HRNet-OCR's protocol.
+
+    thresh: elements whose true-class probability is below it are kept (model.loss.thresh);
+    min_kept: at least this many of a level's valid elements per batch are kept (model.loss.min_kept).
+    """
+
+    thresh: float = 0.9
+    min_kept: int = 131072
+
+    def __post_init__(self) -> None:
+        if isinstance(self.thresh, bool) or not isinstance(self.thresh, int | float):
+            raise ValueError(f"model.loss.thresh must be a number in (0, 1], got {self.thresh!r}")
+        if not 0.0 < self.thresh <= 1.0:
+            raise ValueError(f"model.loss.thresh must be in (0, 1], got {self.thresh}")
+        if isinstance(self.min_kept, bool) or not isinstance(self.min_kept, int) or self.min_kept < 1:
+            raise ValueError(f"model.loss.min_kept must be an integer >= 1, got {self.min_kept!r}")
+
+
+def ohem_keep(probability: Tensor, valid: Tensor, thresh: float, min_kept: int) -> Tensor:
+    """The elements OHEM keeps, with the semantics of HRNet-OCR's OhemCrossEntropy
+    (lib/core/criterion.py of HRNet/HRNet-Semantic-Segmentation, branch HRNet-OCR).
+
+    probability: the softmax probability of the true class per element; valid: the non-ignored ones.
+    Over the n valid elements of the whole batch, sorted ascending, threshold =
+    max(thresh, sorted[min(min_kept, n - 1)]) and the valid elements strictly below it are kept: all
+    those under `thresh`, and at least the min_kept hardest (ties aside). With n <= min_kept the
+    threshold is max(thresh, the largest probability), as there. No valid element: nothing is kept.
+    """
+    probability = probability.float()
+    ordered = torch.where(valid, probability, torch.inf).flatten().sort().values
+    # min(min_kept, n - 1) as a tensor, so that no device sync is needed; 0 when n == 0.
+    index = (valid.sum() - 1).clamp(min=0, max=min_kept)
+    threshold = ordered[index].clamp(min=thresh)
+    return valid & (probability < threshold)
+
+
+def semantic_ce(
+    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, ohem: Ohem | None = None
+) -> Tensor:
+    """One CE term of Eq. 1: the mean over the target's non-ignored elements (with `ohem`: over
+    those OHEM keeps); exactly 0 when none is left. Logits smaller than the target (level L) are
+    upsampled bilinearly to its size first (DESIGN 1), as HRNet does."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    per_element = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    kept = target != ignore_index
+    if ohem is not None:
+        # CE is -log p(true class): exp(-CE) is the softmax probability that OHEM ranks.
+        kept = ohem_keep(torch.exp(-per_element.detach()), kept, ohem.thresh, ohem.min_kept)
+    return torch.where(kept, per_element, 0.0).sum() / kept.sum().clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -237,20 +332,22 @@ class PyramidLoss:
 
 
 def pyramid_loss(
-    semantic_logits: list[Tensor], unity_logits: list[Tensor], targets: PyramidTargets
+    semantic_logits: list[Tensor],
+    unity_logits: list[Tensor],
+    targets: PyramidTargets,
+    ohem: Ohem | None = None,
 ) -> PyramidLoss:
     """Eq. 1: mean over L levels of CE plus mean over L-1 levels of BCE.
 
     Each term is averaged over its non-ignored elements; a level with no valid target adds exactly 0.
     The finest logits are upsampled bilinearly to the label size (DESIGN 1), as HRNet does.
+    `ohem` (HRNet-OCR's config, not Eq. 1's text) restricts each CE term to its hard elements.
     """
     ignore = targets.ignore_index
-    ce: list[Tensor] = []
-    for logits, target in zip(semantic_logits, targets.semantic, strict=True):
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        summed = F.cross_entropy(logits.float(), target, ignore_index=ignore, reduction="sum")
-        ce.append(summed / (target != ignore).sum().clamp(min=1))
+    ce = [
+        semantic_ce(logits, target, ignore, ohem)
+        for logits, target in zip(semantic_logits, targets.semantic, strict=True)
+    ]
     bce: list[Tensor] = []
     for logits, target in zip(unity_logits, targets.unity, strict=True):
         valid = target != ignore
@@ -294,3 +391,29 @@ def unity_counts(
 def level_counts(level_map: Tensor, num_levels: int) -> Tensor:
     """How many finest cells each level resolves (the parsimony of the fused output). Shape [L]."""
     return torch.bincount(level_map.flatten(), minlength=num_levels)
+
+
+def unity_calibration_counts(
+    unity_logits: list[Tensor],
+    unity_targets: list[Tensor],
+    num_bins: int = 10,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The reliability counts of the unity pyramid, over cells with a valid pixel: per unity level and
+    per bin of predicted unity probability (num_bins equal bins of [0, 1], the last one closed),
+    the cells [L-1, num_bins] (int64), the true unity cells among them [L-1, num_bins] (int64) and the
+    sum of their predicted probabilities [L-1, num_bins] (float64)."""
+    cells, unity, probability = [], [], []
+    for logits, target in zip(unity_logits, unity_targets, strict=True):
+        valid = target != ignore_index
+        predicted = torch.sigmoid(logits.float())[valid]
+        bins = (predicted * num_bins).long().clamp(max=num_bins - 1)
+        # One bincount gives both counts: slot 2b + 1 holds the unity cells of bin b, 2b the mix cells.
+        split = torch.bincount(2 * bins + (target[valid] == 1), minlength=2 * num_bins).view(num_bins, 2)
+        cells.append(split.sum(1))
+        unity.append(split[:, 1])
+        probability.append(torch.bincount(bins, weights=predicted.double(), minlength=num_bins))
+    if not cells:
+        empty = torch.zeros(0, num_bins, dtype=torch.long)
+        return empty, empty.clone(), empty.double()
+    return torch.stack(cells), torch.stack(unity), torch.stack(probability)

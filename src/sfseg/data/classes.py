@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 # --- Synthetic scenes (sfseg.data.synthetic) ---------------------------------------------------------
 # Stuff first: ids 0..5 are large wavy regions, ids 6..11 are small things drawn on top of them.
 SYNTHETIC_CLASSES: tuple[str, ...] = (
@@ -140,3 +142,20 @@ PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
 PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
     voc_colormap(k + 1) for k in range(len(PASCAL_CONTEXT59_CLASSES))
 )
+
+
+# Class names -> palette, for a checkpoint that only knows its class names.
+KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], ...] = (
+    (SYNTHETIC_CLASSES, SYNTHETIC_PALETTE),
+    (ADE20K_CLASSES, ADE20K_PALETTE),
+    (COCO_STUFF_CLASSES, COCO_STUFF_PALETTE),
+    (PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE),
+)
+
+
+def palette_for(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The dataset's palette when the classes are a dataset sfseg knows, else the VOC colour map."""
+    for classes, palette in KNOWN_PALETTES:
+        if tuple(class_names) == tuple(classes):
+            return list(palette)
+    return [voc_colormap(index) for index in range(len(class_names))]

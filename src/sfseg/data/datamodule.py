@@ -65,6 +65,16 @@ class SegmentationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
+    def val_examples(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `count` validation images [N, 3, H, W] and labels [N, H, W] (for pictures)."""
+        images, labels = [], []
+        for batch in self.val_dataloader():
+            images.append(batch["image"])
+            labels.append(batch["label"])
+            if sum(len(chunk) for chunk in images) >= count:
+                break
+        return torch.cat(images)[:count], torch.cat(labels)[:count]
+
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for a loader")

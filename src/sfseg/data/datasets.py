@@ -107,6 +107,13 @@ class Layout:
     def lut(self, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
         return label_lut(self.raw_to_class, self.ignore_raw, ignore_index)
 
+    def raw_ids(self) -> np.ndarray:
+        """The inverse of `raw_to_class`: uint8 [C], the dataset's own label value of each class id, as
+        its annotations and its benchmark use them (ADE20K: class k -> k + 1, 0 stays "other")."""
+        raw_ids = np.zeros(len(self.classes), dtype=np.uint8)
+        raw_ids[list(self.raw_to_class.values())] = list(self.raw_to_class)
+        return raw_ids
+
     def describe_raw_values(self) -> str:
         return describe_values([*self.raw_to_class, *self.ignore_raw])
 
@@ -254,13 +261,26 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-def read_image(path: Path) -> np.ndarray:
-    """HxWx3 uint8 RGB (grayscale and CMYK files are converted); a file that does not decode raises."""
+class NotAnImageError(ValueError):
+    """A file that PIL cannot decode as an image."""
+
+
+def decode_rgb(path: Path) -> tuple[np.ndarray, str]:
+    """HxWx3 uint8 RGB (grey, palette, RGBA and CMYK files converted) and the file's own PIL mode.
+    Raises NotAnImageError naming the file when PIL cannot decode it."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image.convert("RGB")), image.mode
     except (OSError, SyntaxError, ValueError) as error:  # PIL's ways of saying "corrupt or not an image"
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise NotAnImageError(f"not an image: {path} ({error})") from error
+
+
+def read_image(path: Path) -> np.ndarray:
+    """HxWx3 uint8 RGB of a dataset image; a file that does not decode raises, naming it."""
+    try:
+        return decode_rgb(path)[0]
+    except NotAnImageError as error:
+        raise ValueError(f"cannot read image {path}: {error.__cause__}") from error
 
 
 def read_label(path: Path) -> np.ndarray:

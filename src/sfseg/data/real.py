@@ -12,12 +12,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+from hydra.utils import get_class
 
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.datasets import (
     ADE20K,
     COCO_STUFF10K,
     COCO_STUFF164K,
+    LAYOUTS,
     PASCAL_CONTEXT59,
     Layout,
     Sample,
@@ -174,3 +176,19 @@ class PascalContext59DataModule(FileDataModule):
     """Pascal-Context-59: `VOC2010/SegmentationClassContext` PNGs (0 = background, 1..59) and the VOC2010 images."""
 
     layout = PASCAL_CONTEXT59
+
+
+def training_layout(data_target: str | None, class_names: Sequence[str]) -> Layout | None:
+    """The layout of the dataset a model was trained on: that of its training run's datamodule
+    (`data._target_`), or without a run config the one layout whose classes are `class_names`.
+    None for synthetic scenes and for classes of no dataset sfseg reads."""
+    if data_target is not None:
+        return getattr(get_class(data_target), "layout", None)
+    layouts = [layout for layout in LAYOUTS.values() if layout.classes == tuple(class_names)]
+    if len({tuple(layout.raw_ids()) for layout in layouts}) > 1:
+        names = " and ".join(layout.name for layout in layouts)
+        raise ValueError(
+            f"the checkpoint's classes are those of {names}, whose raw label ids differ, and it is not in "
+            "its training run folder (whose .hydra/config.yaml names the data); predict from the run folder"
+        )
+    return layouts[0] if layouts else None

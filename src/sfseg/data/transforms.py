@@ -38,7 +38,7 @@ def train_transform(
             A.RandomScale(scale_limit=(low - 1.0, high - 1.0), interpolation=cv2.INTER_LINEAR, p=1.0)
         )
     if crop_size is not None:
-        height, width = _pair(crop_size)
+        height, width = size_pair(crop_size, "data.crop_size")
         steps += [
             pad_bottom_right(ignore_index, min_height=height, min_width=width),
             A.RandomCrop(height=height, width=width),
@@ -59,7 +59,7 @@ def val_transform(
     `pad_divisor=None` leaves the size as it is (evaluation pads after its own rescaling)."""
     steps: list[A.BasicTransform] = []
     if resize is not None:
-        height, width = _pair(resize)
+        height, width = size_pair(resize, "data.val_resize")
         steps.append(A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR))
     if pad_divisor is not None:
         steps.append(
@@ -111,8 +111,9 @@ def seed_worker(worker_id: int) -> None:
         transform.set_random_seed(seed)
 
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
+def size_pair(value: int | Sequence[int], key: str) -> tuple[int, int]:
+    """An int or [H, W] config value as (H, W); anything else is an error naming the config key."""
+    pair = (value, value) if isinstance(value, int) else tuple(int(side) for side in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{key} must be a positive int or [H, W], got {value}")
+    return pair

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sfseg.models.context import build_context
+from sfseg.models.context import DeferredLevel, build_context, deferred_levels
 from sfseg.models.layers import conv_bn_relu
 from sfseg.pyramid import repeat_cells
 
@@ -58,9 +59,50 @@ class UnityHead(nn.Module):
         return [-F.max_pool2d(-z, 2 ** (self.num_levels - 1 - level)) for level, z in enumerate(logits)]
 
 
+class CellGather:
+    """The cells a boolean mask [B, h, w] picks, gathered from [B, D, h, w] maps into a [B, D, M, 1]
+    map (M: the most cells one image has; the other images' rows are padded, so per-image work such as
+    attention stays one batched call) and scattered back. Index tensors only, no loops."""
+
+    def __init__(self, mask: Tensor) -> None:
+        batch, height, width = mask.shape
+        self.size = (height, width)
+        flat = mask.flatten(1)
+        counts = flat.sum(1)
+        image, position = flat.nonzero(as_tuple=True)  # by image, then row-major
+        self.count = position.numel()
+        slot = torch.arange(self.count, device=mask.device) - (counts.cumsum(0) - counts)[image]
+        # Each image's cell positions, padded with h*w: one past the last cell, a slot to scatter into
+        # and drop. Gathering reads a real cell there instead; its result is dropped alike.
+        self.positions = torch.full(
+            (batch, int(counts.max()) if batch else 0), height * width, device=mask.device
+        )
+        self.positions[image, slot] = position
+
+    def __len__(self) -> int:
+        return self.count
+
+    def gather(self, maps: Tensor) -> Tensor:
+        """[B, D, h, w] -> [B, D, M, 1]."""
+        index = self.positions.clamp(max=self.size[0] * self.size[1] - 1)
+        return maps.flatten(2).gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).unsqueeze(-1)
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """[B, C, M, 1] -> [B, C, h, w], zero outside the cells."""
+        batch, channels = values.shape[:2]
+        cells = self.size[0] * self.size[1]
+        out = values.new_zeros(batch, channels, cells + 1)
+        out.scatter_(2, self.positions.unsqueeze(1).expand(-1, channels, -1), values.flatten(2))
+        return out[..., :cells].unflatten(2, self.size)
+
+
 class SemanticHead(nn.Module):
     """Sec. 4.2: X -> Conv1x1-BN-ReLU (D -> D_s) = X^(L) -> context module -> X'^(1..L) -> one
-    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine."""
+    ConvBlock per level (Eq. 7) -> semantic logits Y^(l) [B, C, h_l, w_l], coarse to fine.
+
+    With OCR, HRNet-OCR's auxiliary head (a ConvBlock on X) predicts the soft object regions; its class
+    logits [B, C, h_L, w_L] are returned too (None otherwise), to be trained against the finest labels.
+    """
 
     def __init__(
         self, in_channels: int, num_classes: int, num_levels: int, channels: int = 512, context: str = "c2f"
@@ -69,11 +111,47 @@ class SemanticHead(nn.Module):
         self.num_levels = num_levels
         self.project = conv_bn_relu(in_channels, channels)
         self.context = build_context(context, channels, num_levels)
+        self.auxiliary = (
+            ConvBlock(in_channels, num_classes)
+            if getattr(self.context, "needs_object_regions", False)
+            else None
+        )
         self.classifiers = nn.ModuleList(ConvBlock(channels, num_classes) for _ in range(num_levels))
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        levels = self.context(self.project(x), self.num_levels)
-        return [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        projected, auxiliary = self.context_inputs(x)
+        regions = [] if auxiliary is None else [auxiliary]  # OCR's soft object regions, from X
+        levels = self.context(projected, self.num_levels, *regions)
+        semantic = [classify(level) for classify, level in zip(self.classifiers, levels, strict=True)]
+        return semantic, auxiliary
+
+    def context_inputs(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What the context module reads of X: X^(L) = Conv1x1-BN-ReLU(X), and with OCR the auxiliary
+        class logits (the soft object regions; None for the other modules)."""
+        auxiliary = self.auxiliary(x) if self.auxiliary is not None else None
+        return self.project(x), auxiliary
+
+    def sparse_forward(
+        self, projected: Tensor, kept: list[Tensor], auxiliary: Tensor | None = None
+    ) -> list[Tensor]:
+        """Inference: Y^(l) [B, C, h_l, w_l] computed at the `kept` cells of each level only ([B, h_l, w_l]
+        masks, coarse to fine), zero elsewhere. `projected` and `auxiliary` are `context_inputs(X)`. Each
+        ConvBlock, and each per-cell step the context module defers, runs on the kept cells alone."""
+        regions = [] if auxiliary is None else [auxiliary]
+        levels = deferred_levels(self.context, projected, self.num_levels, *regions)
+        logits = []
+        for classify, mask in zip(self.classifiers, kept, strict=True):
+            level = levels.pop(0)  # dropped once used: no full-resolution map outlives its level
+            features = level.features if isinstance(level, DeferredLevel) else level
+            cells = CellGather(mask)
+            if not len(cells):  # the fuse reads nothing of this level
+                logits.append(features.new_zeros(mask.shape[0], classify[-1].out_channels, *mask.shape[1:]))
+                continue
+            features = cells.gather(features)
+            if isinstance(level, DeferredLevel):
+                features = level.step(features)
+            logits.append(cells.scatter(classify(features)))
+        return logits
 
 
 class FCNHead(nn.Sequential):

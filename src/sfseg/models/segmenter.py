@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfseg.models.backbones import create_backbone
 from sfseg.models.heads import SemanticHead, UnityHead
-from sfseg.pyramid import fuse, level_strides
+from sfseg.pyramid import FINEST_STRIDE, kept_cells, level_strides
 
 
 @dataclass
@@ -18,30 +18,13 @@ class PyramidOutput:
     """The two raw pyramids, coarse to fine.
 
     semantic: L logit maps [B, C, H/s_l, W/s_l]; unity: L-1 logit maps [B, H/s_l, W/s_l] ([] for L=1).
+    auxiliary: OCR's auxiliary class logits [B, C, H/4, W/4] (its soft object regions, trained against
+    the finest labels); None for the other context modules.
     """
 
     semantic: list[Tensor]
     unity: list[Tensor]
-
-    def prediction(
-        self, size: tuple[int, int], tau: float = 0.9, fuse_levels: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        """Fused logits upsampled bilinearly to `size` [B, C, *size], and the level map [B, h_L, w_L].
-
-        fuse_levels=False takes the finest level only (Table 8's "auxiliary supervision"); its level
-        map is then L-1 everywhere.
-        """
-        if fuse_levels:
-            logits, level_map = fuse(self.semantic, self.unity, tau)
-        else:
-            logits = self.semantic[-1]
-            level_map = torch.full(
-                logits.shape[:1] + logits.shape[2:],
-                len(self.semantic) - 1,
-                dtype=torch.long,
-                device=logits.device,
-            )
-        return F.interpolate(logits, size=size, mode="bilinear", align_corners=False), level_map
+    auxiliary: Tensor | None = None
 
 
 class PyramidSegmenter(nn.Module):
@@ -71,7 +54,51 @@ class PyramidSegmenter(nn.Module):
         self.unity_head = UnityHead(channels, num_levels, unity_channels) if num_levels > 1 else None
         self.semantic_head = SemanticHead(channels, num_classes, num_levels, semantic_channels, context)
 
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], load_backbone_weights: bool = True) -> PyramidSegmenter:
+        """Build from the `model` config's values (SpecializeAndFuseModule's hyperparameters).
+
+        load_backbone_weights=False skips the backbone's pretrained or local weights: a checkpoint's
+        state dict replaces them anyway, and they may need a network or a file that is not there.
+        """
+        backbone = hparams["backbone"]
+        return cls(
+            backbone=backbone["name"],
+            num_classes=hparams["num_classes"],
+            num_levels=hparams["levels"],
+            context=hparams["context"]["name"],
+            unity_channels=hparams.get("unity_channels", 64),
+            semantic_channels=hparams.get("semantic_channels", 512),
+            pretrained=load_backbone_weights and bool(backbone.get("pretrained", False)),
+            weights=backbone.get("weights") if load_backbone_weights else None,
+        )
+
     def forward(self, images: Tensor) -> PyramidOutput:
+        self._check_size(images)
+        features = self.backbone(images)
+        unity = self.unity_head(features) if self.unity_head is not None else []
+        semantic, auxiliary = self.semantic_head(features)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+
+    def sparse_forward(self, images: Tensor, tau: float) -> PyramidOutput:
+        """The pyramids as Eq. 2's fuse at `tau` reads them, computing each level's per-cell semantic
+        work only at the cells the fuse keeps (`pyramid.kept_cells`): fuse(sparse_forward(x, tau), tau)
+        equals fuse(forward(x), tau) (up to float rounding; the level map exactly). The semantic maps
+        are zero at every other cell, so they are not the levels' own predictions. Inference only."""
+        if self.training:
+            raise RuntimeError("sparse_forward is for inference: call .eval() first (batch norm statistics)")
+        self._check_size(images)
+        features = self.backbone(images)
+        unity = self.unity_head(features) if self.unity_head is not None else []
+        projected, auxiliary = self.semantic_head.context_inputs(features)
+        del features  # both heads have read it
+        batch, _, height, width = images.shape
+        finest = (batch, height // FINEST_STRIDE, width // FINEST_STRIDE)
+        kept = kept_cells(unity, finest, tau, images.device)
+        semantic = self.semantic_head.sparse_forward(projected, kept, auxiliary)
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+
+    def _check_size(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
         if height % self.size_divisor or width % self.size_divisor:
             raise ValueError(
@@ -79,11 +106,3 @@ class PyramidSegmenter(nn.Module):
                 f"pyramid stride {level_strides(self.num_levels)[0]} (model.levels={self.num_levels}) and "
                 f"the backbone's coarsest stage stride {self.backbone.size_divisor}; pad inputs to a multiple"
             )
-        features = self.backbone(images)
-        unity = self.unity_head(features) if self.unity_head is not None else []
-        return PyramidOutput(semantic=self.semantic_head(features), unity=unity)
-
-    def predict(self, images: Tensor, tau: float = 0.9, fuse_levels: bool = True) -> tuple[Tensor, Tensor]:
-        """Fused logits [B, C, H, W] (Eq. 2, then bilinear to the image size) and the level map
-        [B, h_L, w_L] (0 = coarsest). Gradient mode and train/eval mode are the caller's."""
-        return self(images).prediction(images.shape[-2:], tau, fuse_levels)

@@ -1,0 +1,77 @@
+"""One way from a checkpoint to pixels. A newcomer's three lines:
+
+    from sfseg.inference import load
+    model = load("outputs/train/<time>/checkpoints/last.ckpt")   # device="auto", autocast=None|"bfloat16"
+    result = model.predict(rgb)  # HxWx3 uint8 -> result.mask [H, W] class ids, result.level_map [H, W] (0 = coarsest)
+
+`load` rebuilds the network from the checkpoint's hyperparameters (classes, palette, L, tau) and knows
+the data of its training run (`model.datamodule()`). Underneath, every consumer (validation, `sfseg.eval`,
+`sfseg.predict`, the notebook, the W&B pictures, `pyramid.png`, the benchmark) turns a pyramid output into
+pixels with `fused_logits` (Eq. 2's fuse, then bilinear upsampling), and predicts images with the
+passes here: whole image padded to the size divisor, sliding window, multi-scale + flip.
+
+    pixels      fused_logits, level_predictions, upsample, pad_images, pad_to_divisor
+    passes      InferenceSettings, image_logits, whole_logits, slide_logits, tta_probabilities
+    loading     load, Predictor, Prediction, resolve_device, autocast
+    evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv, write_tau_sweep,
+                write_unity_calibration
+    deployment  DeployedSegmenter, export_model, export_size, ExportedModel (ONNX / TorchScript files)
+"""
+
+from sfseg.inference.deployment import (
+    EXPORT_FORMATS,
+    DeployedSegmenter,
+    ExportedModel,
+    export_model,
+    export_size,
+)
+from sfseg.inference.evaluation import (
+    Evaluation,
+    evaluate,
+    per_class_table,
+    write_per_class_csv,
+    write_tau_sweep,
+    write_unity_calibration,
+)
+from sfseg.inference.loading import Prediction, Predictor, autocast, load, resolve_device
+from sfseg.inference.passes import (
+    InferenceSettings,
+    image_logits,
+    predict_logits,
+    slide_logits,
+    tta_probabilities,
+    whole_logits,
+    window_starts,
+)
+from sfseg.inference.pixels import fused_logits, level_predictions, pad_images, pad_to_divisor, upsample
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "DeployedSegmenter",
+    "Evaluation",
+    "ExportedModel",
+    "InferenceSettings",
+    "Prediction",
+    "Predictor",
+    "autocast",
+    "evaluate",
+    "export_model",
+    "export_size",
+    "fused_logits",
+    "image_logits",
+    "level_predictions",
+    "load",
+    "pad_images",
+    "pad_to_divisor",
+    "per_class_table",
+    "predict_logits",
+    "resolve_device",
+    "slide_logits",
+    "tta_probabilities",
+    "upsample",
+    "whole_logits",
+    "window_starts",
+    "write_per_class_csv",
+    "write_tau_sweep",
+    "write_unity_calibration",
+]

@@ -1,0 +1,255 @@
+"""A checkpoint as a ready-to-use predictor: the network on its device, its classes, palette, L, tau,
+and the data its training run used."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import Tensor
+
+from sfseg.analysis import pixel_levels
+from sfseg.data.classes import palette_for
+from sfseg.data.datamodule import SegmentationDataModule
+from sfseg.data.real import training_layout
+from sfseg.data.transforms import val_transform
+from sfseg.inference.passes import image_logits, whole_logits
+from sfseg.inference.pixels import fused_logits, pad_to_divisor
+from sfseg.models import PyramidSegmenter
+from sfseg.pyramid import IGNORE_INDEX
+from sfseg.runs import run_data_config
+from sfseg.visualize import pyramid_figure
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# What a written mask holds per class: its 0-based class id, or the dataset's own label value.
+LABEL_IDS = ("class", "raw")
+# What every sfseg checkpoint's hyper_parameters hold (SpecializeAndFuseModule's arguments).
+REQUIRED_HPARAMS = ("num_classes", "backbone", "context", "levels", "tau")
+
+
+def resolve_device(name: str, key: str = "eval.device") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:<index>`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:<index>") from error
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{key}={name!r} is not supported; use auto, cpu, cuda or cuda:<index>")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name!r} but CUDA is not available here; use {key}=cpu")
+    return device
+
+
+def autocast(
+    device: torch.device, dtype: str | None, key: str = "eval.autocast"
+) -> contextlib.AbstractContextManager:
+    """torch.autocast in `dtype` (bfloat16 or float16), or nothing for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"{key}={dtype!r} is not one of null, {', '.join(AUTOCAST_DTYPES)}")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[dtype])
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's prediction at its own size: class ids and the pyramid level each pixel came from."""
+
+    mask: np.ndarray  # [H, W] int64, 0-based class ids
+    level_map: np.ndarray  # [H, W] int64, 0 = coarsest level ... L-1 = finest
+
+
+@dataclass
+class Predictor:
+    """A trained Specialize-and-Fuse network in eval mode on `device`, with what its checkpoint says."""
+
+    net: PyramidSegmenter
+    class_names: list[str]
+    tau: float
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: str | None = None
+    ignore_index: int = IGNORE_INDEX
+    palette: list[tuple[int, int, int]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    data_config: DictConfig | None = None  # the checkpoint's training run config, when it has one
+    sparse_inference: bool = True  # predict/logits compute each level only where the fuse keeps it
+
+    def __post_init__(self) -> None:
+        autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
+        self.palette = self.palette or palette_for(self.class_names)
+        self.net = self.net.to(self.device).eval()
+
+    @property
+    def levels(self) -> int:
+        return self.net.num_levels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.autocast)
+
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray, fuse_levels: bool = True) -> Prediction:
+        """An HxWx3 uint8 RGB image of any size -> its class map and per-pixel level map."""
+        height, width = rgb.shape[:2]
+        normalised = val_transform(pad_divisor=None)(image=rgb)["image"]
+        images = torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).to(self.device)
+        with self.autocast_context():
+            logits, level_map = image_logits(
+                self.net,
+                pad_to_divisor(images, self.net.size_divisor),
+                self.tau,
+                fuse_levels,
+                self.sparse_inference,
+            )
+        levels = pixel_levels(level_map, logits.shape[-2:])
+        return Prediction(
+            mask=logits[0, :, :height, :width].argmax(0).cpu().numpy(),
+            level_map=levels[0, :height, :width].cpu().numpy(),
+        )
+
+    @torch.inference_mode()
+    def logits(self, images: Tensor, fuse_levels: bool = True) -> Tensor:
+        """Fused logits [B, C, H, W] of a normalised image batch of any size (padded and cropped back)."""
+        with self.autocast_context():
+            return whole_logits(
+                self.net, images.to(self.device), self.tau, fuse_levels, self.sparse_inference
+            )
+
+    @torch.inference_mode()
+    def pyramid_figure(self, images: Tensor, labels: Tensor) -> plt.Figure:
+        """The two pyramids, the level map and the fused output of normalised images [B, 3, H, W]
+        next to their labels [B, H, W]; both are padded to the size divisor (padding ignored)."""
+        images = pad_to_divisor(images.to(self.device), self.net.size_divisor)
+        height, width = labels.shape[-2:]
+        labels = F.pad(
+            labels, (0, images.shape[-1] - width, 0, images.shape[-2] - height), value=self.ignore_index
+        )
+        with self.autocast_context():
+            out = self.net(images)
+        fused, level_map = fused_logits(out, images.shape[-2:], self.tau)
+        return pyramid_figure(
+            images,
+            labels,
+            out.semantic,
+            out.unity,
+            level_map,
+            fused.argmax(1),
+            self.palette,
+            tau=self.tau,
+            ignore_index=self.ignore_index,
+        )
+
+    def label_ids(self, ids: str = "class", key: str = "ids") -> np.ndarray:
+        """uint8 [C]: the value a mask file holds for each class. `class`: the 0-based class id; `raw`:
+        the training dataset's own label value (ADE20K 1..150 with 0 = other, COCO-Stuff and
+        Pascal-Context by their label tables), as their benchmarks read them."""
+        if ids not in LABEL_IDS:
+            raise ValueError(f"{key}={ids!r} is not one of {', '.join(LABEL_IDS)}")
+        if ids == "class":
+            return np.arange(self.num_classes, dtype=np.uint8)
+        target = self.data_config.data.get("_target_") if self.data_config is not None else None
+        layout = training_layout(target, self.class_names)
+        if layout is None:
+            raise ValueError(
+                f"{key}=raw: the checkpoint was not trained on a dataset with its own label ids (ADE20K, "
+                f"COCO-Stuff, Pascal-Context); its class ids 0..{self.num_classes - 1} are the only ids: use {key}=class"
+            )
+        return layout.raw_ids()
+
+    def datamodule(self, cfg: DictConfig | None = None) -> SegmentationDataModule:
+        """The validation data: `cfg.data` (an eval config), else the checkpoint's training run's."""
+        cfg = cfg if cfg is not None else self.data_config
+        if cfg is None:
+            raise FileNotFoundError(
+                f"the checkpoint {self.checkpoint} is not in a training run folder (no .hydra/config.yaml "
+                "beside its checkpoints/ folder); evaluate it with `python -m sfseg.eval ckpt_path=... data=<name>`"
+            )
+        return _checkpoint_datamodule(cfg, self)
+
+
+def load(
+    ckpt_path: str | Path,
+    device: str | torch.device = "auto",
+    autocast: str | None = None,
+    sparse_inference: bool = True,
+) -> Predictor:
+    """The Predictor of an sfseg checkpoint (a `make train` / `python -m sfseg.train` .ckpt).
+
+    The backbone's pretrained weights are not fetched: the checkpoint holds every weight.
+    sparse_inference=False computes every level at every cell in `predict` and `logits` (same output).
+    """
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    device = resolve_device(device, "device") if isinstance(device, str) else torch.device(device)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's unpickling errors have no common base class
+        raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint torch can read ({error})") from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(hparams, Mapping) or any(key not in hparams for key in REQUIRED_HPARAMS):
+        raise ValueError(
+            f"ckpt_path={ckpt_path}: not an sfseg checkpoint (its hyper_parameters lack "
+            f"{', '.join(REQUIRED_HPARAMS)}); give a .ckpt written by `python -m sfseg.train`"
+        )
+    net = PyramidSegmenter.from_hparams(hparams, load_backbone_weights=False)
+    prefix = "net."  # SpecializeAndFuseModule.net; its metrics keep no state in the checkpoint
+    net.load_state_dict(
+        {
+            key.removeprefix(prefix): value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith(prefix)
+        }
+    )
+    num_classes = hparams["num_classes"]
+    return Predictor(
+        net=net,
+        class_names=list(hparams.get("class_names") or [str(index) for index in range(num_classes)]),
+        tau=float(hparams["tau"]),
+        device=device,
+        autocast=autocast,
+        ignore_index=int(hparams.get("ignore_index", IGNORE_INDEX)),
+        checkpoint=path,
+        data_config=run_data_config(path),
+        sparse_inference=sparse_inference,
+    )
+
+
+def _checkpoint_datamodule(cfg: DictConfig, predictor: Predictor) -> SegmentationDataModule:
+    """`cfg.data` with the checkpoint's L and ignore index (the data group reads them from `model.*`),
+    and unpadded validation images: inference rescales them (multi-scale test), then pads."""
+    checkpoint_values = {"levels": predictor.levels, "ignore_index": predictor.ignore_index}
+    with open_dict(cfg):
+        for key, value in checkpoint_values.items():
+            given = cfg.model.get(key)
+            if given is not None and given != value:
+                raise ValueError(
+                    f"model.{key}={given} but the checkpoint was trained with {value}; leave model.{key} "
+                    "unset: it is taken from the checkpoint"
+                )
+            cfg.model[key] = value
+    datamodule: SegmentationDataModule = instantiate(cfg.data, val_pad=False)
+    if datamodule.num_levels != predictor.levels:
+        raise ValueError(
+            f"data.num_levels={datamodule.num_levels} but the checkpoint has L={predictor.levels} levels; "
+            "leave data.num_levels at its default ${model.levels}"
+        )
+    if datamodule.num_classes != predictor.num_classes:
+        raise ValueError(
+            f"data={cfg.data._target_} has {datamodule.num_classes} classes but the checkpoint was trained "
+            f"on {predictor.num_classes} ({', '.join(predictor.class_names[:5])}, ...); pick its dataset"
+        )
+    return datamodule

@@ -1,0 +1,217 @@
+"""model.backbone.weights: the weights files users already have, in each release's key layout, written
+from randomly initialised models (no download) and loaded back into sfseg's timm backbones."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+from sfseg.models import create_backbone
+from sfseg.models.backbones import HEAD_PREFIXES, STAGES, remap_weights
+
+LOGGER = "sfseg.models.backbones"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def assert_backbone_holds(backbone, source: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the backbone equals the source's tensor of the same (timm) name."""
+    state = backbone.body.state_dict()
+    assert set(state) <= set(source)
+    for key, tensor in state.items():
+        assert torch.equal(tensor, source[key]), key
+
+
+@pytest.mark.parametrize(
+    ("name", "official_file"),
+    [
+        ("hrnet_w18_small_v2", "hrnet_w18_small_model_v2.pth"),
+        ("hrnet_w18", "hrnetv2_w18_imagenet_pretrained.pth"),
+    ],
+)
+def test_official_hrnet_imagenet_release_loads(name: str, official_file: str, tmp_path: Path, caplog) -> None:
+    # HRNet-Image-Classification's cls_hrnet names its modules as timm's port does, classifier included.
+    classifier = timm.create_model(name, pretrained=False).state_dict()
+    torch.save(classifier, tmp_path / official_file)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        backbone = create_backbone(name, weights=str(tmp_path / official_file))
+    assert_backbone_holds(backbone, classifier)
+    head = [key for key in classifier if key.startswith(HEAD_PREFIXES)]  # incre/downsamp/final/classifier
+    assert head
+    counted = [key for key in backbone.body.state_dict() if not key.endswith("num_batches_tracked")]
+    assert f"loaded {len(counted)}/{len(counted)} tensors" in caplog.text
+    assert f"{len(head)} head tensors dropped; 0 missing; 0 unexpected" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["hrnet_w32", "hrnet_w48"])
+def test_every_hrnet_release_maps_onto_its_backbone_exactly(name: str) -> None:
+    """W32 and W48 have the same names (only widths differ): nothing missing, nothing unexpected."""
+    remapped = remap_weights(timm.create_model(name, pretrained=False).state_dict(), deep_stem=False)
+    features = timm.create_model(name, features_only=True, out_indices=STAGES, feature_location="")
+    assert set(remapped.state) == set(features.state_dict())
+
+
+@pytest.mark.parametrize("wrapper", ["model.", "module.model."])
+@pytest.mark.parametrize("head", ["ocr", "last_layer"])
+def test_hrnet_semantic_segmentation_checkpoint_loads_its_backbone(
+    wrapper: str, head: str, tmp_path: Path, caplog
+) -> None:
+    """HRNet-Semantic-Segmentation saves FullModel (model.*, loss.*), possibly through DataParallel
+    (module.*), in a dict with 'state_dict'; seg_hrnet's head is last_layer, seg_hrnet_ocr's the rest."""
+    source = timm.create_model("hrnet_w18_small", features_only=True, out_indices=STAGES, feature_location="")
+    source_state = source.state_dict()
+    heads = {
+        "ocr": [
+            "conv3x3_ocr.0.weight",
+            "conv3x3_ocr.1.running_mean",
+            "ocr_distri_head.object_context_block.f_pixel.0.weight",
+            "ocr_distri_head.conv_bn_dropout.0.weight",
+            "cls_head.weight",
+            "aux_head.0.weight",
+            "aux_head.3.bias",
+        ],
+        "last_layer": ["last_layer.0.weight", "last_layer.1.running_var", "last_layer.3.weight"],
+    }[head]
+    state = {f"{wrapper}{key}": value for key, value in source_state.items()}
+    state.update({f"{wrapper}{key}": torch.randn(7) for key in heads})
+    state[wrapper.removesuffix("model.") + "loss.criterion.weight"] = torch.ones(19)
+    torch.save({"epoch": 12, "best_mIoU": 0.41, "state_dict": state}, tmp_path / "best.pth")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        backbone = create_backbone("hrnet_w18_small", weights=str(tmp_path / "best.pth"))
+    assert_backbone_holds(backbone, source_state)
+    assert f"{len(heads) + 1} head tensors dropped; 0 missing; 0 unexpected" in caplog.text
+
+
+@torch.no_grad()
+def test_torchvision_resnet101_loads_and_computes_the_same_stages(tmp_path: Path) -> None:
+    reference = torchvision.models.resnet101(weights=None).eval()
+    torch.save(reference.state_dict(), tmp_path / "resnet101-63fe2227.pth")
+    backbone = create_backbone("resnet101", weights=str(tmp_path / "resnet101-63fe2227.pth")).eval()
+    assert_backbone_holds(backbone, reference.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images))))
+    expected = []
+    for layer in (reference.layer1, reference.layer2, reference.layer3, reference.layer4):
+        x = layer(x)
+        expected.append(x)
+    for stage, reference_stage in zip(backbone.body(images), expected, strict=True):
+        torch.testing.assert_close(stage, reference_stage)
+
+
+# mmsegmentation's ResNetV1c stem (mmseg.models.backbones.ResNet._make_stem_layer with deep_stem):
+# Sequential(conv 3->32 stride 2, BN, ReLU, conv 32->32, BN, ReLU, conv 32->64, BN, ReLU).
+MMSEG_STEM_SHAPES = {
+    "stem.0.weight": (32, 3, 3, 3),
+    "stem.1.weight": (32,),
+    "stem.3.weight": (32, 32, 3, 3),
+    "stem.4.running_var": (32,),
+    "stem.6.weight": (64, 32, 3, 3),
+    "stem.7.bias": (64,),
+}
+TIMM_TO_MMSEG_STEM = {"conv1.0.": "stem.0.", "conv1.1.": "stem.1.", "conv1.3.": "stem.3.", "conv1.4.": "stem.4.", "conv1.6.": "stem.6.", "bn1.": "stem.7."}  # fmt: skip
+
+
+def mmseg_checkpoint(timm_state: dict[str, torch.Tensor], deep_stem: bool) -> dict:
+    """An mmsegmentation checkpoint: meta, optimizer and a state_dict with backbone.* and the heads."""
+    backbone = {}
+    for key, value in timm_state.items():
+        if deep_stem:
+            prefix = next((p for p in TIMM_TO_MMSEG_STEM if key.startswith(p)), None)
+            key = TIMM_TO_MMSEG_STEM[prefix] + key.removeprefix(prefix) if prefix else key
+        backbone[f"backbone.{key}"] = value
+    heads = {"decode_head.conv_seg.weight": torch.randn(150, 512, 1, 1), "auxiliary_head.convs.0.conv.weight": torch.randn(256, 1024, 3, 3)}  # fmt: skip
+    return {
+        "meta": {"mmseg_version": "0.30.0", "CLASSES": ["wall", "building"], "iter": 160000},
+        "state_dict": {**backbone, **heads},
+        "optimizer": {"state": {}, "param_groups": []},
+    }
+
+
+@torch.no_grad()
+def test_mmsegmentation_resnet101_v1c_loads_into_the_deep_stem_backbone(tmp_path: Path, caplog) -> None:
+    source = create_backbone("resnet101c").eval()
+    checkpoint = mmseg_checkpoint(source.body.state_dict(), deep_stem=True)
+    for key, shape in MMSEG_STEM_SHAPES.items():
+        assert tuple(checkpoint["state_dict"][f"backbone.{key}"].shape) == shape
+    torch.save(checkpoint, tmp_path / "pspnet_r101-d8_512x512_160k_ade20k.pth")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        loaded = create_backbone(
+            "resnet101c", weights=str(tmp_path / "pspnet_r101-d8_512x512_160k_ade20k.pth")
+        )
+    assert_backbone_holds(loaded, source.body.state_dict())
+    images = torch.randn(1, 3, 64, 64)
+    for stage, expected in zip(loaded.body.eval()(images), source.body(images), strict=True):
+        torch.testing.assert_close(stage, expected)
+    assert "2 head tensors dropped; 0 missing; 0 unexpected" in caplog.text
+    # The plain ResNet-101 has one 7x7 conv: the deep stem cannot go there.
+    with pytest.raises(ValueError, match=r"ResNetV1c deep stem \(stem\.\*\).*model/backbone=resnet101c"):
+        create_backbone("resnet101", weights=str(tmp_path / "pspnet_r101-d8_512x512_160k_ade20k.pth"))
+
+
+def test_mmsegmentation_plain_resnet101_loads(tmp_path: Path) -> None:
+    source = timm.create_model("resnet101", features_only=True, out_indices=STAGES).state_dict()
+    torch.save(mmseg_checkpoint(source, deep_stem=False), tmp_path / "fcn_r101.pth")
+    assert_backbone_holds(create_backbone("resnet101", weights=str(tmp_path / "fcn_r101.pth")), source)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path: Path, caplog) -> None:
+    state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+    del state["conv1.weight"], state["stage2.0.fuse_layers.0.1.0.weight"]
+    state["stage9.extra.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "partial.pth")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        create_backbone("hrnet_w18_small", weights=str(tmp_path / "partial.pth"))
+    assert "2 missing; 1 unexpected" in caplog.text
+    assert "conv1.weight" in caplog.text and "stage2.0.fuse_layers.0.1.0.weight" in caplog.text
+    assert "stage9.extra.weight" in caplog.text
+
+
+def test_fewer_than_95_percent_loaded_is_an_error_naming_file_and_keys(tmp_path: Path) -> None:
+    state = timm.create_model(
+        "hrnet_w18_small", features_only=True, out_indices=STAGES, feature_location=""
+    ).state_dict()
+    weights = [key for key in state if not key.endswith("num_batches_tracked")]
+    for key in weights[: int(0.06 * len(weights))]:  # 94 % left
+        del state[key]
+    torch.save(state, tmp_path / "truncated.pth")
+    with pytest.raises(ValueError) as error:
+        create_backbone("hrnet_w18_small", weights=str(tmp_path / "truncated.pth"))
+    message = str(error.value)
+    assert "truncated.pth" in message and "at least 95% must load" in message
+    assert "missing: conv1.weight, bn1.weight" in message
+
+
+def test_num_batches_tracked_counters_are_not_required(tmp_path: Path, caplog) -> None:
+    """Releases saved before PyTorch 0.4.1 have no BatchNorm counters; they still load completely."""
+    state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+    state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    torch.save(state, tmp_path / "old.pth")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        create_backbone("hrnet_w18_small", weights=str(tmp_path / "old.pth"))
+    assert "0 missing; 0 unexpected" in caplog.text
+
+
+def test_shape_mismatch_is_an_error_naming_file_and_keys(tmp_path: Path) -> None:
+    # HRNet-W18's names with W32's widths: everything matches by name, nothing by shape.
+    torch.save(timm.create_model("hrnet_w32", pretrained=False).state_dict(), tmp_path / "w32.pth")
+    with pytest.raises(
+        ValueError,
+        match=r"w32\.pth.*backbone 'hrnet_w18'.*differ in shape: .*transition1\.0\.0\.weight \(32, 256, 3, 3\) \(backbone \(18, 256, 3, 3\)\)",
+    ):
+        create_backbone("hrnet_w18", weights=str(tmp_path / "w32.pth"))
+
+
+def test_files_torch_refuses_to_unpickle_get_a_way_out(tmp_path: Path) -> None:
+    state = timm.create_model("hrnet_w18_small", pretrained=False).state_dict()
+    torch.save({"state_dict": state, "best_mIoU": np.float64(0.45)}, tmp_path / "numpy.pth")
+    with pytest.raises(ValueError, match=r"numpy\.pth.*weights_only=True.*save its state dict alone"):
+        create_backbone("hrnet_w18_small", weights=str(tmp_path / "numpy.pth"))
