@@ -25,6 +25,7 @@ def test_groups_have_the_documented_options():
         "hrnet_w18_small_v2",
         "hrnet_w32",
         "hrnet_w48",
+        "local",
         "resnet101",
         "resnet101c",
     ]

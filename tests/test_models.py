@@ -52,6 +52,7 @@ def _one_thread():
         ("hrnet_w48", 720),
         ("resnet101", 720),
         ("resnet101c", 720),
+        ("local", 64),
     ],
 )
 def test_backbone_gives_d_channels_at_stride_4(name: str, channels: int) -> None:
@@ -72,6 +73,7 @@ def test_backbone_registry_lists_the_paper_backbones() -> None:
         "hrnet_w48",
         "resnet101",
         "resnet101c",
+        "local",
     }
 
 

@@ -1,8 +1,10 @@
-"""Report entry point: `python -m sfseg.report <sweep dir> [--by KEY ...] [--metrics NAME ...]`.
+"""Report entry point: `python -m sfseg.report <sweep dir> [--by KEY ...] [--metrics NAME ...]
+[--focus NAME CLASS ...]`.
 
 Writes `report.md` and `report.csv` into the sweep folder: the paper's table when the sweep's experiment
 has a `report` section (experiment=table6, table7, table8, levels), else one row per combination of the
-varied overrides; mean ± spread over seeds (see `sfseg.sweeps`).
+varied overrides; mean ± spread over seeds (see `sfseg.sweeps`). `--focus` adds the mIoU over a group
+of classes only.
 """
 
 from __future__ import annotations
@@ -25,8 +27,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="override keys that make a row, instead of the experiment's layout (default: all varied but seed)",
     )
     parser.add_argument("--metrics", nargs="*", default=list(DEFAULT_METRICS))
+    parser.add_argument(
+        "--focus",
+        nargs="+",
+        metavar=("NAME", "CLASS"),
+        help="also score these classes only, e.g. --focus look-alike sky water wall sand",
+    )
     args = parser.parse_args(argv)
-    md_path, csv_path, markdown = write_report(args.sweep_dir, args.by, args.metrics)
+    if args.focus is not None and len(args.focus) < 2:
+        parser.error("--focus takes a name and at least one class name")
+    focus = (args.focus[0], args.focus[1:]) if args.focus else None
+    md_path, csv_path, markdown = write_report(args.sweep_dir, args.by, args.metrics, focus)
     print(markdown)
     print(f"written: {md_path} and {csv_path}")
 

@@ -16,6 +16,11 @@ metric of their cells; a cell without jobs shows "-":
       columns: [{name: ANL, where: {model.context.name: anl}}, {name: finest, metric: mIoU_finest}]
 
 Otherwise, or with --by, one row per combination of the varied overrides and one column per metric.
+
+`--focus NAME CLASS [CLASS ...]` adds the mIoU over those classes only (fused, and finest level), from each
+job's `val_counts.pt`: metrics `mIoU[NAME]` and `mIoU_finest[NAME]`, and, in the paper's layout, the table
+again on those classes. `mechanism_report` is what `python -m sfseg.ablation --preset mechanism` writes:
+the L=1 / L=4 table, Table 9 and the share of cells of one L=4 job, and the issue's goals checked.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from sfseg.analysis import class_iou, specialization_miou
 
 DEFAULT_METRICS = ("mIoU", "mIoU_finest")
 
@@ -181,33 +189,242 @@ def layout_markdown(
     return "\n".join(lines) + "\n"
 
 
+def focus_metric(metric: str, name: str) -> str:
+    """The name of `metric` restricted to the classes of focus group `name`: mIoU -> mIoU[name]."""
+    return f"{metric}[{name}]"
+
+
+def add_focus_metrics(runs: Sequence[dict[str, Any]], name: str, classes: Sequence[str]) -> None:
+    """Add `mIoU[name]` and `mIoU_finest[name]` to each run's metrics: the mean IoU over `classes`
+    only, of the fused output and of the finest level, from the job's val_counts.pt."""
+    for run in runs:
+        class_names = list(run["metrics"]["per_class_iou"])
+        missing = [cls for cls in classes if cls not in class_names]
+        if missing:
+            raise ValueError(f"focus classes {missing} are not classes of job {run['job']}: {class_names}")
+        iou = class_iou(load_counts(run["job"])["confmat"])  # rows: fused, level 1 .. level L
+        picked = iou[:, [class_names.index(cls) for cls in classes]]
+        run["metrics"][focus_metric("mIoU", name)] = float(torch.nanmean(picked[0]))
+        run["metrics"][focus_metric("mIoU_finest", name)] = float(torch.nanmean(picked[-1]))
+
+
+def load_counts(job: str | Path) -> dict[str, torch.Tensor]:
+    """The final validation's counts that train() saves (PyramidMetrics' states)."""
+    path = Path(job) / "val_counts.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the job did not finish its final validation")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def focus_layout(layout: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The same table with every cell's metric restricted to focus group `name`."""
+
+    def restrict(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return (
+            {**entry, "metric": focus_metric(entry["metric"], name)} if entry.get("metric") else dict(entry)
+        )
+
+    title = layout.get("title")
+    return {
+        **layout,
+        "title": f"{title}, {name} classes only" if title else f"{name} classes only",
+        "metric": focus_metric(layout.get("metric", "mIoU"), name),
+        "rows": [restrict(row) for row in layout_rows(layout)],
+        "columns": [restrict(column) for column in layout["columns"]],
+    }
+
+
 def write_report(
-    sweep_dir: str | Path, by: Sequence[str] | None = None, metrics: Sequence[str] = DEFAULT_METRICS
+    sweep_dir: str | Path,
+    by: Sequence[str] | None = None,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    focus: tuple[str, Sequence[str]] | None = None,
 ) -> tuple[Path, Path, str]:
     """Write `report.md` and `report.csv` into the sweep folder; return their paths and the table.
 
     The paper's layout when the jobs' experiment has a `report` section and `by` is not given (CSV:
-    one line per cell); otherwise one row per combination of the `by` overrides."""
+    one line per cell); otherwise one row per combination of the `by` overrides. `focus` (a name and
+    class names) adds the mIoU over those classes: a second table in the layout, more columns otherwise."""
     runs = collect_runs(sweep_dir)
+    if focus:
+        add_focus_metrics(runs, *focus)
     layout = report_layout(runs) if by is None else None
     if layout:
-        rows = layout_cells(runs, layout)
-        unmatched = sum(
-            not any(
-                selects(row, run) and selects(column, run)
-                for row in layout_rows(layout)
-                for column in layout["columns"]
+        layouts = [layout, focus_layout(layout, focus[0])] if focus else [layout]
+        rows, parts = [], []
+        for table in layouts:
+            cells = layout_cells(runs, table)
+            unmatched = sum(
+                not any(
+                    selects(row, run) and selects(column, run)
+                    for row in layout_rows(table)
+                    for column in table["columns"]
+                )
+                for run in runs
             )
-            for run in runs
-        )
-        markdown = layout_markdown(rows, layout, unmatched, len(unfinished_jobs(sweep_dir)))
+            parts.append(layout_markdown(cells, table, unmatched, len(unfinished_jobs(sweep_dir))))
+            rows += cells
+        markdown = "\n".join(parts)
     else:
+        if focus:
+            metrics = [*metrics, *(focus_metric(metric, focus[0]) for metric in metrics)]
         rows = summarize(runs, by, metrics)
         markdown = to_markdown(rows, metrics)
     md_path, csv_path = Path(sweep_dir) / "report.md", Path(sweep_dir) / "report.csv"
     md_path.write_text(markdown)
-    with csv_path.open("w", newline="") as handle:
+    write_csv(csv_path, rows)
+    return md_path, csv_path, markdown
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def format_percent(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN (no pixels) as "-"
+
+
+def table9_markdown(job: str | Path) -> str:
+    """Table 9 of one pyramid job in the paper's layout (rows: the level l' whose prediction is scored;
+    columns: the level l the fused map took the pixels from; finest first), with the share of pixels and
+    of finest cells each level takes."""
+    counts = load_counts(job)
+    table = 100 * specialization_miou(counts["specialization"])  # [predicting, assigned], 0 = level 1
+    levels = table.shape[0]
+    pixels = counts["specialization"][:, 0].sum(dim=(-2, -1)).double()
+    cells = counts["cells"].double()
+    order = range(levels - 1, -1, -1)
+    lines = [
+        "| l' \\ l | " + " | ".join(str(level + 1) for level in order) + " |",
+        "|" + "---|" * (levels + 1),
+    ]
+    for predicting in order:
+        texts = [format_percent(float(table[predicting, assigned])) for assigned in order]
+        lines.append(f"| {predicting + 1} | " + " | ".join(texts) + " |")
+    for name, amounts in (("pixels taken (%)", pixels), ("finest cells taken (%)", cells)):
+        shares = 100 * amounts / amounts.sum().clamp(min=1)
+        lines.append(f"| {name} | " + " | ".join(f"{float(shares[level]):.1f}" for level in order) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_mechanism_report(
+    sweep_dir: str | Path, groups: Mapping[str, Sequence[str]], notes: Sequence[str] = ()
+) -> tuple[Path, Path, str]:
+    """Write the report of `python -m sfseg.ablation --preset mechanism` (report.md, and report.csv with
+    one line per L); return their paths and the markdown.
+
+    report.md: fused and finest-only mIoU per L, overall and over each class group (mean ± spread over
+    seeds), `notes` (markdown lines), per-class IoU, Table 9 and the share of cells of one job of the
+    largest L, and the goals of the controlled experiment checked (L=1 against the largest L)."""
+    runs = collect_runs(sweep_dir)
+    for name, classes in groups.items():
+        add_focus_metrics(runs, name, classes)
+    metrics = [*DEFAULT_METRICS, *(focus_metric(m, name) for name in groups for m in DEFAULT_METRICS)]
+    rows = sorted(summarize(runs, ["model.levels"], metrics), key=lambda row: int(row["model.levels"]))
+    kinds = {"mIoU": "fused", "mIoU_finest": "finest only"}
+    header = ["L", "seeds"]
+    header += [f"all classes: {kinds[m]}" for m in DEFAULT_METRICS]
+    header += [f"{name}: {kinds[m]}" for name in groups for m in DEFAULT_METRICS]
+    lines = [
+        "### Single output (L=1) vs specialize & fuse: mIoU (%), model/context=none",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        texts = [f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in metrics]
+        lines.append(f"| {row['model.levels']} | {row['seeds']} | " + " | ".join(texts) + " |")
+    members = "; ".join(f"{name}: {', '.join(classes)}" for name, classes in groups.items())
+    lines += [
+        "",
+        "Mean ± spread (sample standard deviation) over seeds. Finest only: the finest level's own "
+        f"prediction. A group's mIoU is over its classes ({members}).",
+    ]
+    if notes:
+        lines += ["", *notes]
+
+    levels_of = {
+        run["job"]: int(run["overrides"].get("model.levels", run["config"]["model"]["levels"]))
+        for run in runs
+    }
+    lines += ["", "### Per-class IoU of the fused output (%, mean over seeds)", ""]
+    lines += per_class_markdown(runs, levels_of)
+    top = max(levels_of.values())
+    pyramids = sorted((run for run in runs if levels_of[run["job"]] == top), key=lambda run: run["job"])
+    if top > 1:
+        shown = pyramids[0]
+        lines += [
+            "",
+            f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
+            "pixels the fused map takes from level l",
+            "",
+            table9_markdown(shown["job"]).rstrip(),
+        ]
+    lines += ["", "### Goals", "", *mechanism_goals(runs, levels_of, top)]
+    markdown = "\n".join(lines) + "\n"
+    md_path, csv_path = Path(sweep_dir) / "report.md", Path(sweep_dir) / "report.csv"
+    md_path.write_text(markdown)
+    write_csv(csv_path, rows)
     return md_path, csv_path, markdown
+
+
+def per_class_markdown(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int]) -> list[str]:
+    """One row per class, one column per L: the fused output's IoU (%), mean over the seeds of that L."""
+    levels = sorted(set(levels_of.values()))
+    lines = [
+        "| class | " + " | ".join(f"L={level}" for level in levels) + " |",
+        "|" + "---|" * (len(levels) + 1),
+    ]
+    for cls in runs[0]["metrics"]["per_class_iou"]:
+        texts = []
+        for level in levels:
+            values = [
+                100 * run["metrics"]["per_class_iou"][cls]
+                for run in runs
+                if levels_of[run["job"]] == level and run["metrics"]["per_class_iou"][cls] is not None
+            ]
+            texts.append(f"{statistics.fmean(values):.2f}" if values else "-")
+        lines.append(f"| {cls} | " + " | ".join(texts) + " |")
+    return lines
+
+
+def mechanism_goals(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], top: int) -> list[str]:
+    """The three goals of the controlled experiment, each with its numbers and met / not met."""
+
+    def verdict(met: bool) -> str:
+        return "**met**" if met else "**not met**"
+
+    single = [run for run in runs if levels_of[run["job"]] == 1]
+    pyramids = [run for run in runs if levels_of[run["job"]] == top]
+    if not single or top == 1:
+        return ["Needs jobs with L=1 and with L>1."]
+    single_mean, single_std = mean_and_spread(single, "mIoU")
+    pyramid_mean, pyramid_std = mean_and_spread(pyramids, "mIoU")
+    gain, spread = pyramid_mean - single_mean, max(single_std, pyramid_std)
+    lines = [
+        f"1. L={top} fused - L=1 = {gain:+.2f} mIoU; 3 x the larger seed spread = {3 * spread:.2f} "
+        f"({len(single)} and {len(pyramids)} seeds): {verdict(gain > 3 * spread and min(len(single), len(pyramids)) > 1)}"
+    ]
+    diagonal = []
+    for run in pyramids:
+        table = specialization_miou(load_counts(run["job"])["specialization"])
+        diagonal.append((100 * float(table[0, 0]), 100 * float(table[-1, 0])))
+    wins = sum(coarse > finest for coarse, finest in diagonal)
+    first_coarse, first_finest = diagonal[0]
+    lines.append(
+        f"2. Table 9, coarsest column: on the pixels taken from level 1, level 1 scores {format_percent(first_coarse)} "
+        f"and the finest level {format_percent(first_finest)} (the job shown); level 1 is ahead in {wins} of "
+        f"{len(diagonal)} L={top} jobs: {verdict(wins == len(diagonal))}"
+    )
+    coarse_shares = [
+        100 * sum(run["metrics"][f"share_level{level}"] for level in range(1, top)) for run in pyramids
+    ]
+    mean_share = statistics.fmean(coarse_shares)
+    lines.append(
+        f"3. Share of finest cells taken from the coarse levels 1..{top - 1}: {mean_share:.1f} % "
+        f"(per job: {', '.join(f'{share:.1f}' for share in coarse_shares)}): {verdict(min(coarse_shares) > 50)}"
+    )
+    return lines

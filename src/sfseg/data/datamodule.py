@@ -118,9 +118,13 @@ class SyntheticDataModule(SegmentationDataModule):
         self.data_seed = data_seed
         self.augment = augment
 
-    def setup(self, stage: str | None = None) -> None:
+    def scenes(self, split: str, num_samples: int, transform: Any) -> Dataset:
+        """The dataset of one split."""
         from sfseg.data.synthetic import SyntheticScenes
 
+        return SyntheticScenes(split, num_samples, self.size, seed=self.data_seed, transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
         if any(side % self.coarsest_stride for side in self.size):
             raise ValueError(
                 f"data.size={list(self.size)} must be divisible by the coarsest stride {self.coarsest_stride} "
@@ -132,13 +136,37 @@ class SyntheticDataModule(SegmentationDataModule):
             if self.augment
             else val_transform(self.val_pad_divisor)
         )
-        self.train_set = SyntheticScenes(
-            "train", self.train_samples, self.size, seed=self.data_seed, transform=train_tf
-        )
-        self.val_set = SyntheticScenes(
-            "val",
-            self.val_samples,
-            self.size,
-            seed=self.data_seed,
-            transform=val_transform(self.val_pad_divisor),
+        self.train_set = self.scenes("train", self.train_samples, train_tf)
+        self.val_set = self.scenes("val", self.val_samples, val_transform(self.val_pad_divisor))
+
+
+class SyntheticContextDataModule(SyntheticDataModule):
+    """Look-alike scenes (`sfseg.data.synthetic_context`): a setting built to isolate the mechanism,
+    where a region's class is named only by sparse markers far from most of its pixels."""
+
+    def __init__(
+        self,
+        region_size: int = 96,
+        marker_spacing: int = 64,
+        marker_size: int = 8,
+        size: int | Sequence[int] = 192,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(size=size, **kwargs)
+        from sfseg.data.synthetic_context import CONTEXT_CLASSES, CONTEXT_PALETTE, check_geometry
+
+        check_geometry(region_size, marker_spacing, marker_size)
+        self.classes = CONTEXT_CLASSES
+        self.palette = CONTEXT_PALETTE
+        self.geometry = {
+            "region_size": region_size,
+            "marker_spacing": marker_spacing,
+            "marker_size": marker_size,
+        }
+
+    def scenes(self, split: str, num_samples: int, transform: Any) -> Dataset:
+        from sfseg.data.synthetic_context import ContextScenes
+
+        return ContextScenes(
+            split, num_samples, self.size, seed=self.data_seed, transform=transform, **self.geometry
         )

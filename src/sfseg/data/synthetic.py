@@ -65,13 +65,13 @@ _TEXTURE_AMPLITUDE = {
 }
 
 
-def _split_id(split: str) -> int:
+def split_id(split: str) -> int:
     if split not in SPLIT_IDS:
         raise ValueError(f"data.split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
     return SPLIT_IDS[split]
 
 
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
     h, w = (int(s) for s in size)
     if h < MIN_SIZE or w < MIN_SIZE:
         raise ValueError(f"data.size must be (H, W) with both >= {MIN_SIZE}, got {tuple(size)}")
@@ -88,7 +88,7 @@ def _sin_turns(t: np.ndarray) -> np.ndarray:
     return a * (1.0 + a2 * (-1.0 / 6 + a2 * (1.0 / 120 + a2 * (-1.0 / 5040 + a2 / 362880))))
 
 
-def _wave(u: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+def wave(u: np.ndarray, rng: np.random.Generator, amplitude: float) -> np.ndarray:
     """A smooth random curve over u in [0, 1]: three sines of 0.5-4 cycles, decreasing amplitudes."""
     out = np.zeros_like(u)
     for k, weight in enumerate((1.0, 0.5, 0.25)):
@@ -205,7 +205,7 @@ def _amplitude(cls: int, rng: np.random.Generator) -> float:
 
 
 @lru_cache(maxsize=8)
-def _axes(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def axes(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     y = np.arange(h, dtype=np.float64)[:, None]
     x = np.arange(w, dtype=np.float64)[None, :]
     y.flags.writeable = False
@@ -213,7 +213,7 @@ def _axes(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-class _Canvas:
+class Canvas:
     """Label map plus per-pixel base colour and texture modulation, painted layer by layer."""
 
     def __init__(self, h: int, w: int, rng: np.random.Generator) -> None:
@@ -224,12 +224,15 @@ class _Canvas:
 
     def paint_stuff(self, cls: int) -> None:
         mask = self.label == cls
-        if not mask.any():
-            return
-        y, x = _axes(self.h, self.w)
-        texture = np.broadcast_to(_TEXTURES[cls](y, x, self.rng), (self.h, self.w))
-        self.base[mask] = _colour(cls, self.rng)
-        self.mod[mask] = _amplitude(cls, self.rng) * texture[mask]
+        if mask.any():
+            self.paint_region(mask, cls)
+
+    def paint_region(self, mask: np.ndarray, look: int) -> None:
+        """Paint the pixels of `mask` with one colour, amplitude and texture draw of class `look`."""
+        y, x = axes(self.h, self.w)
+        texture = np.broadcast_to(_TEXTURES[look](y, x, self.rng), (self.h, self.w))
+        self.base[mask] = _colour(look, self.rng)
+        self.mod[mask] = _amplitude(look, self.rng) * texture[mask]
 
     def paint_thing(
         self,
@@ -300,23 +303,23 @@ def _sign_shape(size: int, kind: int) -> Callable[[np.ndarray, np.ndarray], np.n
     return _disk(c, c, size / 2)
 
 
-def _layout_stuff(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
+def _layout_stuff(canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
     """Sky, optional wall and the ground regions into canvas.label; returns the horizon row per column."""
     h, w = canvas.h, canvas.w
-    y, x = _axes(h, w)
+    y, x = axes(h, w)
     u_x = x[0] / w
     u_y = y[:, 0] / h
     horizon_level = h * rng.uniform(0.25, 0.5)
-    horizon = horizon_level + _wave(u_x, rng, 0.05 * h)
+    horizon = horizon_level + wave(u_x, rng, 0.05 * h)
     ground = y >= horizon[None, :]
 
     wall_kind = rng.random()
     if wall_kind < 0.2:  # wall instead of sky: a facade filling everything above the horizon
         canvas.label[~ground] = WALL
     elif wall_kind < 0.55:  # a building next to the sky, standing on the horizon
-        left = w * rng.uniform(-0.3, 0.6) + _wave(u_y, rng, 0.03 * w)
-        right = left + w * rng.uniform(0.3, 0.7) + _wave(u_y, rng, 0.03 * w)
-        roof = h * rng.uniform(0.02, 0.25) + _wave(u_x, rng, 0.04 * h)
+        left = w * rng.uniform(-0.3, 0.6) + wave(u_y, rng, 0.03 * w)
+        right = left + w * rng.uniform(0.3, 0.7) + wave(u_y, rng, 0.03 * w)
+        roof = h * rng.uniform(0.02, 0.25) + wave(u_x, rng, 0.04 * h)
         wall = (x >= left[:, None]) & (x < right[:, None]) & (y >= roof[None, :]) & ~ground
         canvas.label[wall] = WALL
 
@@ -325,10 +328,10 @@ def _layout_stuff(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     band = np.zeros((h, w), dtype=np.int64)
     for _ in range(int(rng.integers(1, 3))):
         level = horizon_level + (h - horizon_level) * rng.uniform(0.15, 0.85)
-        band += y >= (level + _wave(u_x, rng, 0.05 * h))[None, :]
+        band += y >= (level + wave(u_x, rng, 0.05 * h))[None, :]
     region = band * 2
     if rng.random() < 0.6:
-        split_x = w * rng.uniform(0.2, 0.8) + _wave(u_y, rng, 0.08 * w)
+        split_x = w * rng.uniform(0.2, 0.8) + wave(u_y, rng, 0.08 * w)
         region += x >= split_x[:, None]
     steps = rng.integers(1, len(GROUND), size=6)
     region_class = np.asarray(GROUND, dtype=np.uint8)[np.cumsum(steps) % len(GROUND)]
@@ -336,7 +339,7 @@ def _layout_stuff(canvas: _Canvas, rng: np.random.Generator) -> np.ndarray:
     return horizon
 
 
-def _add_windows(canvas: _Canvas, rng: np.random.Generator) -> None:
+def _add_windows(canvas: Canvas, rng: np.random.Generator) -> None:
     wall_pixels = np.flatnonzero(canvas.label == WALL)
     if wall_pixels.size < 64:
         return
@@ -347,7 +350,7 @@ def _add_windows(canvas: _Canvas, rng: np.random.Generator) -> None:
         canvas.paint_thing(WINDOW, top, left, _full, height, width, only_on=WALL)
 
 
-def _ground_things(canvas: _Canvas, horizon: np.ndarray, rng: np.random.Generator) -> None:
+def _ground_things(canvas: Canvas, horizon: np.ndarray, rng: np.random.Generator) -> None:
     """Persons, cars, poles (some with a sign on top) and balls standing on the ground, far to near."""
     h, w = canvas.h, canvas.w
     count = max(1, round(rng.integers(4, 12) * h * w / 128**2))  # same density at any canvas size
@@ -395,22 +398,26 @@ def render_scene(
     """
     if index < 0 or seed < 0:
         raise ValueError(f"index and data.seed must be >= 0, got index={index}, seed={seed}")
-    h, w = _check_size(size)
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _split_id(split), int(index)]))
-    canvas = _Canvas(h, w, rng)
+    h, w = check_size(size)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), split_id(split), int(index)]))
+    canvas = Canvas(h, w, rng)
 
     horizon = _layout_stuff(canvas, rng)
     for cls in (SKY, WALL, WATER, GRASS, ROAD, SAND):
         canvas.paint_stuff(cls)
     _add_windows(canvas, rng)
     _ground_things(canvas, horizon, rng)
+    return finish_image(canvas), canvas.label
 
+
+def finish_image(canvas: Canvas) -> np.ndarray:
+    """The painted canvas as uint8 RGB: texture modulation, a random contrast and brightness, pixel noise."""
+    h, w, rng = canvas.h, canvas.w, canvas.rng
     image = canvas.base * (1.0 + canvas.mod)[..., None]
     contrast, brightness = rng.uniform(0.7, 1.3), rng.uniform(-30.0, 30.0)
     image = (image - 128.0) * contrast + (128.0 + brightness)
     image += (rng.random((h, w, 3)) * 2.0 - 1.0) * rng.uniform(2.0, 12.0)  # uniform: no libm in the draw
-    image = np.rint(np.clip(image, 0.0, 255.0)).astype(np.uint8)
-    return image, canvas.label
+    return np.rint(np.clip(image, 0.0, 255.0)).astype(np.uint8)
 
 
 class SyntheticScenes(Dataset):
@@ -431,14 +438,14 @@ class SyntheticScenes(Dataset):
         seed: int = 0,
         transform: Callable[..., dict[str, Any]] | None = None,
     ) -> None:
-        _split_id(split)
+        split_id(split)
         self.split = split
         self.num_samples = DEFAULT_NUM_SAMPLES[split] if num_samples is None else int(num_samples)
         if self.num_samples < 0:
             raise ValueError(f"data.num_samples must be >= 0, got {num_samples}")
         if seed < 0:
             raise ValueError(f"data.seed must be >= 0, got {seed}")
-        self.size = _check_size(size)
+        self.size = check_size(size)
         self.seed = int(seed)
         self.transform = transform
 
@@ -448,5 +455,9 @@ class SyntheticScenes(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} {self.split} samples")
-        image, label = render_scene(int(index), self.seed, self.split, self.size)
+        image, label = self.render(int(index))
         return {**apply(self.transform, image, label), "index": int(index)}
+
+    def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 image and label map of scene `index`."""
+        return render_scene(index, self.seed, self.split, self.size)

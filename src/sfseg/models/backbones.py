@@ -2,7 +2,8 @@
 
 HRNetV2 concatenates HRNet's raw branches (timm's default `features_only` HRNet maps are the
 classification "incre" features, not these). ResNet101 gets the light HRNet-style fusion decoder of
-Sec. 5.1.2 so both backbones give D=720 at stride 4.
+Sec. 5.1.2 so both backbones give D=720 at stride 4. `local` is a shallow encoder whose stride-4 map
+sees only a bounded square of the image (the controlled experiment of `data=synthetic_context`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Backbone(nn.Module):
     # H and W must be multiples of the coarsest stage's stride: HRNet's branch fusion upsamples by
     # exact factors, and the fused map is then exactly H/4 x W/4.
     size_divisor: ClassVar[int] = 32
+    # The timm model to build (None: the model.backbone.name itself) and the stages it returns.
+    timm_model: ClassVar[str | None] = None
+    out_indices: ClassVar[tuple[int, ...]] = STAGES
     timm_kwargs: ClassVar[dict[str, str]] = {}
     out_channels: int
 
@@ -87,7 +91,28 @@ class ResNetFusion(Backbone):
         )
 
 
-# model.backbone.name (the timm model name) -> how its stages become X
+class LocalResNet(Backbone):
+    """A bounded receptive field: timm's resnet10t up to its first stage (a deep stem of three 3x3
+    convolutions, a 3x3 max pool, one basic block), whose stride-4 map X (64 channels) is a function of
+    a 31 x 31 pixel square of the image only. No later stage, no decoder: anything wider than that
+    square a prediction can only get from the pyramid's pooling (Eq. 3) or a context module."""
+
+    timm_model: ClassVar[str | None] = "resnet10t"
+    out_indices: ClassVar[tuple[int, ...]] = (1,)
+    size_divisor: ClassVar[int] = FINEST_STRIDE
+    receptive_field: ClassVar[int] = 31  # pixels; tests/test_mechanism.py measures it
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__(body)
+        self.out_channels = body.feature_info.channels()[-1]
+
+    def forward(self, images: Tensor) -> Tensor:
+        (x,) = self.body(images)
+        return x
+
+
+# model.backbone.name (the timm model name, or the name of a timm model's configuration) -> how its
+# stages become X
 BACKBONES: dict[str, type[Backbone]] = {
     "hrnet_w18_small": HRNetV2,
     "hrnet_w18_small_v2": HRNetV2,  # the official "HRNet-W18-Small-v2" release
@@ -96,6 +121,7 @@ BACKBONES: dict[str, type[Backbone]] = {
     "hrnet_w48": HRNetV2,
     "resnet101": ResNetFusion,
     "resnet101c": ResNetFusion,  # deep stem: mmsegmentation's ResNetV1c
+    "local": LocalResNet,
 }
 
 
@@ -112,22 +138,23 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
             f"model.backbone.name={name!r} is not a backbone; choose one of {', '.join(BACKBONES)}"
         )
     kind = BACKBONES[name]
-    kwargs = {"features_only": True, "out_indices": STAGES, **kind.timm_kwargs}
+    timm_name = kind.timm_model or name
+    kwargs = {"features_only": True, "out_indices": kind.out_indices, **kind.timm_kwargs}
     if weights is not None:
-        body = timm.create_model(name, pretrained=False, **kwargs)
-        load_weights(body, weights, name)
+        body = timm.create_model(timm_name, pretrained=False, **kwargs)
+        load_weights(body, weights, timm_name)
     elif pretrained:
         try:
-            body = timm.create_model(name, pretrained=True, **kwargs)
+            body = timm.create_model(timm_name, pretrained=True, **kwargs)
         except OSError as err:  # the hub's and urllib's network and missing-file errors are all OSErrors
             raise RuntimeError(
                 f"could not fetch pretrained weights for model.backbone.name={name!r}: the Hugging Face hub "
-                f"could not be reached ({type(err).__name__}). Without network, download timm's {name!r} "
+                f"could not be reached ({type(err).__name__}). Without network, download timm's {timm_name!r} "
                 "weights elsewhere and set model.backbone.weights=<path to a local file> (.pth/.bin or "
                 ".safetensors), or train from scratch with model.backbone.pretrained=false"
             ) from err
     else:
-        body = timm.create_model(name, pretrained=False, **kwargs)
+        body = timm.create_model(timm_name, pretrained=False, **kwargs)
     return kind(body)
 
 

@@ -1,0 +1,372 @@
+"""The controlled experiment (issue 13): look-alike scenes whose class only sparse markers name
+(`data=synthetic_context`), a backbone of bounded receptive field (`model/backbone=local`), the
+`experiment=mechanism` config and the `python -m sfseg.ablation --preset mechanism*` sweeps."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from scipy import ndimage
+
+from sfseg.ablation import MECHANISM_REGIME, PRESETS, sweep_command
+from sfseg.data.synthetic_context import (
+    CONTEXT_CLASSES,
+    CONTEXT_PALETTE,
+    DEFAULT_GEOMETRY,
+    LOOK_ALIKE_CLASSES,
+    LOOK_ALIKE_PAIRS,
+    MARKER_COLOURS,
+    NO_MARKER,
+    ContextScenes,
+    cue_coverage,
+    draw_context_scene,
+    render_context_scene,
+)
+from sfseg.models.backbones import LocalResNet, create_backbone
+from tests.conftest import TINY, compose_config
+from tests.test_reproducibility import ENV
+
+LOOK_ALIKE_IDS = [CONTEXT_CLASSES.index(name) for name in LOOK_ALIKE_CLASSES]
+# The look each class wears: twins share one.
+LOOK = {"sky": 0, "water": 0, "wall": 1, "sand": 1, "grass": 2, "road": 3}
+LOOK_OF_ID = np.array([LOOK[name] for name in CONTEXT_CLASSES])
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [draw_context_scene(index) for index in range(120)]
+
+
+# --- the backbone's receptive field ---------------------------------------------------------------------
+
+
+def test_local_backbone_sees_exactly_a_31_pixel_square():
+    """The input gradient of one centre output of X is exactly zero outside an R x R square and
+    nonzero on each of its four edges: R = 31, centred on the output's position 4k."""
+    torch.manual_seed(0)
+    backbone = create_backbone("local").double().eval()  # BN in eval mode: no batch statistics
+    # timm zero-initialises each block's last BN scale, which would hide the block's 3x3 convolutions.
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(module.running_mean, -0.1, 0.1)
+    images = torch.randn(1, 3, 96, 96, dtype=torch.double, requires_grad=True)
+    features = backbone(images)
+    assert features.shape == (1, 64, 24, 24)
+    k = 12
+    features[0, :, k, k].sum().backward()
+    reached = images.grad[0].abs().sum(0) != 0
+    rows, cols = np.flatnonzero(reached.any(1).numpy()), np.flatnonzero(reached.any(0).numpy())
+    radius = LocalResNet.receptive_field // 2
+    assert LocalResNet.receptive_field == 31
+    low, high = 4 * k - radius, 4 * k + radius
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (low, high, low, high)
+    square = reached[4 * k - radius : 4 * k + radius + 1, 4 * k - radius : 4 * k + radius + 1]
+    assert int(reached.sum()) == int(square.sum())  # nothing outside the square
+    for edge in (square[0], square[-1], square[:, 0], square[:, -1]):
+        assert edge.any()
+
+
+def test_local_backbone_needs_only_multiples_of_4():
+    assert LocalResNet.size_divisor == 4
+    with torch.no_grad():
+        features = create_backbone("local").eval()(torch.zeros(1, 3, 36, 44))
+    assert features.shape == (1, 64, 9, 11)
+
+
+# --- the look-alike scenes ------------------------------------------------------------------------------
+
+_DIGEST_SCRIPT = """
+import hashlib
+from sfseg.data.synthetic_context import render_context_scene
+for index, seed, split, size in [(0, 0, "train", (192, 192)), (17, 3, "val", (128, 160))]:
+    image, label = render_context_scene(index, seed, split, size)
+    print(hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest())
+"""
+
+
+def test_scenes_are_deterministic_per_data_seed():
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", _DIGEST_SCRIPT], capture_output=True, text=True, check=True, env=ENV
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert len(digests[0]) == 2 and digests[0] == digests[1]
+    image, label = render_context_scene(0)
+    assert digests[0][0] == hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()
+    others = [
+        render_context_scene(0, seed=1)[1],
+        render_context_scene(0, split="val")[1],
+        render_context_scene(1)[1],
+    ]
+    assert all(not np.array_equal(label, other) for other in others)
+
+
+def test_classes_palette_and_pairs():
+    assert CONTEXT_CLASSES == ("sky", "water", "wall", "sand", "grass", "road")
+    assert LOOK_ALIKE_PAIRS == (("sky", "water"), ("wall", "sand"))
+    assert len(set(CONTEXT_PALETTE)) == len(CONTEXT_CLASSES)
+
+
+def test_regions_are_large_and_touching_regions_differ_in_look(scenes):
+    for scene in scenes[:30]:
+        label = scene.label
+        assert scene.image.shape == (192, 192, 3) and label.dtype == np.uint8 and label.max() < 6
+        # Any two pixels that touch (also diagonally) and differ in class differ in look.
+        for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            a = label[max(dy, 0) :, max(dx, 0) : label.shape[1] + min(dx, 0)]
+            b = label[: label.shape[0] - dy, max(-dx, 0) : label.shape[1] - max(dx, 0)]
+            differ = a != b
+            assert np.all(LOOK_OF_ID[a[differ]] != LOOK_OF_ID[b[differ]])
+        regions = [ndimage.label(label == cls)[0] for cls in range(6)]
+        sizes = [np.bincount(r.ravel())[1:] for r in regions]
+        assert max(int(s.max()) for s in sizes if s.size) > 48 * 48
+
+
+def test_markers_name_their_region_and_only_look_alike_regions_have_them(scenes):
+    size = DEFAULT_GEOMETRY["marker_size"]
+    for scene in scenes:
+        marked = scene.markers != NO_MARKER
+        assert np.array_equal(scene.markers[marked], scene.label[marked])  # a marker names its own region
+        assert set(np.unique(scene.markers[marked])) <= set(LOOK_ALIKE_IDS)
+        components, _ = ndimage.label(marked)
+        assert np.all(np.bincount(components.ravel())[1:] == size * size)  # whole squares, apart
+        for cls in LOOK_ALIKE_IDS:  # each class has its own exact colour
+            assert np.all(scene.image[scene.markers == cls] == MARKER_COLOURS[cls])
+    assert sum(int((scene.markers == cls).any()) for scene in scenes for cls in LOOK_ALIKE_IDS) > 100
+
+
+def test_twins_are_drawn_alike_and_the_coin_ignores_position(scenes):
+    """Per-region colour statistics and positions of sky vs water (wall vs sand) overlap; only the
+    markers differ."""
+    stats: dict[int, list[np.ndarray]] = {cls: [] for cls in LOOK_ALIKE_IDS}
+    for scene in scenes:
+        plain = scene.markers == NO_MARKER
+        for cls in LOOK_ALIKE_IDS:
+            components, count = ndimage.label(scene.label == cls)
+            for region in range(1, count + 1):
+                mask = (components == region) & plain
+                if mask.sum() < 500:
+                    continue
+                ys, xs = np.nonzero(mask)
+                colour = scene.image[mask].astype(np.float64)
+                stats[cls].append(np.r_[colour.mean(0), colour.std(0), ys.mean(), xs.mean(), mask.sum()])
+    for a, b in LOOK_ALIKE_PAIRS:
+        first = np.stack(stats[CONTEXT_CLASSES.index(a)])
+        second = np.stack(stats[CONTEXT_CLASSES.index(b)])
+        assert 0.6 < len(first) / len(second) < 1.6, "the coin is not fair"
+        spread = np.concatenate([first, second]).std(0)
+        gap = np.abs(first.mean(0) - second.mean(0)) / spread
+        # Within 4 standard errors of the difference of two sample means: chance, not a drawn difference
+        # (another colour box or texture would be more than a whole spread apart).
+        limit = 4 * np.sqrt(1 / len(first) + 1 / len(second))
+        assert gap.max() < limit, f"{a} and {b} differ in colour, texture, position or size: {gap.round(2)}"
+
+
+def test_most_pixels_cannot_see_their_cue_and_most_coarse_cells_can(scenes):
+    """With R = 31 (model/backbone=local): the geometry the experiment relies on."""
+    coverage = cue_coverage(scenes, LocalResNet.receptive_field, cell_sizes=(32,))
+    assert coverage["pixel"] < 0.35  # most look-alike pixels have no marker of their region within R
+    assert coverage["cells32"] > 0.5  # most lie in whole-class level-1 cells (32 px at L=4)...
+    assert coverage["cell32"] > 0.7  # ...whose field (32 + R - 1 pixels) holds a marker of the class
+
+
+@pytest.mark.parametrize(
+    ("geometry", "key"),
+    [
+        ({"marker_size": 0}, "data.marker_size"),
+        ({"marker_spacing": 4}, "data.marker_spacing"),
+        ({"region_size": 6}, "data.region_size"),
+    ],
+)
+def test_bad_geometry_names_the_key(geometry: dict, key: str):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        render_context_scene(0, **geometry)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        ContextScenes("train", 2, **geometry)
+
+
+# --- configs ---------------------------------------------------------------------------------------------
+
+
+def test_experiment_mechanism_composes_and_trains_a_batch(run_dir: Path):
+    cfg = compose_config(["experiment=mechanism", *TINY, "data.size=96"], run_dir)
+    assert cfg.model.backbone.name == "local" and cfg.model.context.name == "none"
+    assert cfg.model.relabel.policy == "true_positive"
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    datamodule.setup("fit")
+    assert tuple(datamodule.classes) == CONTEXT_CLASSES
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 96, 96) and int(batch["label"].max()) < 6
+    out = model(batch["image"])
+    assert [tuple(y.shape[-2:]) for y in out.semantic] == [(3, 3), (6, 6), (12, 12), (24, 24)]
+
+
+def compose_preset(name: str, run_dir: Path, *extra: str):
+    """A preset's config as its first job composes it (the first value of every sweep axis)."""
+    overrides = [override.split(",")[0] for override in PRESETS[name].overrides]
+    return compose_config([*overrides, *extra], run_dir)
+
+
+@pytest.mark.parametrize("preset", ["mechanism_table6", "mechanism_table7", "mechanism_levels"])
+def test_table_presets_run_in_the_mechanism_regime(preset: str, run_dir: Path):
+    """The presets built on the ADE20K ablation setting compose to the same data, backbone, heads,
+    optimizer and trainer as experiment=mechanism."""
+    reference = OmegaConf.to_container(compose_preset("mechanism", run_dir).copy(), resolve=False)
+    cfg = OmegaConf.to_container(compose_preset(preset, run_dir).copy(), resolve=False)
+    assert cfg["data"] == reference["data"]
+    for key in ("backbone", "semantic_channels", "unity_channels", "optimizer", "tau"):
+        assert cfg["model"][key] == reference["model"][key], key
+    for key in ("accelerator", "precision", "check_val_every_n_epoch"):
+        assert cfg["trainer"][key] == reference["trainer"][key], key
+    assert "report" in cfg  # the paper's layout of the experiment stays
+    if preset == "mechanism_levels":
+        assert cfg["model"]["context"]["name"] == "none"
+
+
+def test_regime_overrides_stay_in_step_with_the_experiment():
+    assert "data=synthetic_context" in MECHANISM_REGIME and "model/backbone=local" in MECHANISM_REGIME
+
+
+def test_sweep_command_names_job_folders_by_what_varies(tmp_path: Path):
+    command = sweep_command("mechanism_table6", 10, "0,1", tmp_path, ["data.data_seed=3"])
+    assert command[:4] == [sys.executable, "-m", "sfseg.train", "-m"]
+    assert "seed=0,1" in command and "trainer.max_steps=10" in command and command[-1] == "data.data_seed=3"
+    keys = exclude_keys(command)
+    assert {"data.crop_size", "model/backbone", "experiment", "data.data_seed", "seed"} <= set(keys)
+    assert "cell" not in keys  # the sweep axis names the jobs
+    keys = exclude_keys(sweep_command("mechanism", 10, "0", tmp_path, ["model.tau=0.8,0.9", "x=[1,2]"]))
+    assert "model.levels" not in keys and "model.tau" not in keys and "x" in keys
+
+
+def exclude_keys(command: list[str]) -> list[str]:
+    """The keys a sweep command leaves out of its job folder names."""
+    prefix = "hydra.job.config.override_dirname.exclude_keys="
+    (item,) = [item for item in command if item.startswith(prefix)]
+    return item.removeprefix(prefix).strip("[]").split(",")
+
+
+# --- end to end --------------------------------------------------------------------------------------------
+
+TINY_MECHANISM = [
+    "data.size=64",
+    "data.region_size=32",
+    "data.marker_spacing=16",
+    "data.train_samples=8",
+    "data.val_samples=4",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "model.semantic_channels=16",
+    "model.unity_channels=8",
+    "trainer.enable_progress_bar=false",
+    "num_pyramid_images=0",
+]
+
+
+@pytest.mark.slow
+def test_mechanism_preset_end_to_end(tmp_path: Path):
+    out = tmp_path / "mechanism"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sfseg.ablation",
+            "--preset",
+            "mechanism",
+            "--steps",
+            "2",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+            *TINY_MECHANISM,
+            "data.data_seed=3",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(path.parent for path in out.glob("*/metrics.json"))
+    assert len(jobs) == 4
+    levels = []
+    for job in jobs:
+        config = yaml.safe_load((job / "config.yaml").read_text())
+        assert config["data"]["_target_"].endswith("SyntheticContextDataModule")
+        assert config["data"]["data_seed"] == 3  # extra overrides reach every job
+        assert config["model"]["backbone"]["name"] == "local" and config["model"]["context"]["name"] == "none"
+        assert config["trainer"]["max_steps"] == 2
+        assert json.loads((job / "metrics.json").read_text())["step"] == 2
+        levels.append(config["model"]["levels"])
+        assert (
+            job.name.split("_", 1)[1] == f"model.levels={config['model']['levels']}"
+        )  # named by what varies
+    assert sorted(levels) == [1, 1, 4, 4]
+
+    markdown = (out / "report.md").read_text()
+    assert "| L | seeds | all classes: fused | all classes: finest only | look-alike: fused |" in markdown
+    for level in (1, 4):
+        (row,) = [line for line in markdown.splitlines() if line.startswith(f"| {level} | 2 |")]
+        assert row.count("±") == 6  # overall, look-alike and controls; fused and finest
+    assert "| controls: fused | controls: finest only |" in markdown
+    assert "of the look-alike pixels have a marker of their class within the 31 x 31 square" in markdown
+    for cls in CONTEXT_CLASSES:
+        assert f"| {cls} |" in markdown
+    assert "### Table 9 of one L=4 job" in markdown
+    assert "| l' \\ l | 4 | 3 | 2 | 1 |" in markdown
+    assert "finest cells taken (%)" in markdown
+    goals = [line for line in markdown.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
+    assert len(goals) == 3 and all(("**met**" in goal) != ("**not met**" in goal) for goal in goals)
+    with (out / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(row["model.levels"] for row in rows) == ["1", "4"]
+    assert all(row["seeds"] == "2" for row in rows)
+    print(markdown)
+
+
+@pytest.mark.slow
+def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Path):
+    """`--preset mechanism_table7`: the paper's Table 7 over all classes, then over the look-alike
+    classes, whose cells are the mean IoU of those classes (fused) of the job."""
+    out = tmp_path / "table7"
+    command = ["--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM]
+    result = subprocess.run(
+        [sys.executable, "-m", "sfseg.ablation", *command],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown = (out / "report.md").read_text()
+    assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
+    assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
+    with (out / "report.csv").open() as handle:
+        cells = [row for row in csv.DictReader(handle) if row["metric"] == "mIoU[look-alike]"]
+    assert len(cells) == 4
+    for cell in cells:
+        (job,) = cell["jobs"].split(";")
+        config = yaml.safe_load((out / job / "config.yaml").read_text())
+        assert config["model"]["backbone"]["name"] == "local" and config["data"]["batch_size"] == 4
+        per_class = json.loads((out / job / "metrics.json").read_text())["per_class_iou"]
+        expected = np.nanmean(
+            [np.nan if per_class[name] is None else per_class[name] for name in LOOK_ALIKE_CLASSES]
+        )
+        assert float(cell["mean"]) == pytest.approx(100 * expected)
