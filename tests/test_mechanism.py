@@ -277,32 +277,29 @@ TINY_MECHANISM = [
 ]
 
 
+def run_ablation(cwd: Path, *args: str) -> None:
+    """`python -m sfseg.ablation ARGS` in a subprocess, as a user runs it."""
+    command = [sys.executable, "-m", "sfseg.ablation", *args]
+    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 def test_mechanism_preset_end_to_end(tmp_path: Path):
     out = tmp_path / "mechanism"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sfseg.ablation",
-            "--preset",
-            "mechanism",
-            "--steps",
-            "2",
-            "--seeds",
-            "0,1",
-            "--out",
-            str(out),
-            *TINY_MECHANISM,
-            "data.data_seed=3",
-        ],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_ablation(
+        tmp_path,
+        "--preset",
+        "mechanism",
+        "--steps",
+        "2",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        *TINY_MECHANISM,
+        "data.data_seed=3",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(path.parent for path in out.glob("*/metrics.json"))
     assert len(jobs) == 4
     levels = []
@@ -345,16 +342,7 @@ def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Pa
     """`--preset mechanism_table7`: the paper's Table 7 over all classes, then over the look-alike
     classes, whose cells are the mean IoU of those classes (fused) of the job."""
     out = tmp_path / "table7"
-    command = ["--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM]
-    result = subprocess.run(
-        [sys.executable, "-m", "sfseg.ablation", *command],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ablation(tmp_path, "--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM)
     markdown = (out / "report.md").read_text()
     assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
     assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
