@@ -194,18 +194,20 @@ def focus_metric(metric: str, name: str) -> str:
     return f"{metric}[{name}]"
 
 
-def add_focus_metrics(runs: Sequence[dict[str, Any]], name: str, classes: Sequence[str]) -> None:
-    """Add `mIoU[name]` and `mIoU_finest[name]` to each run's metrics: the mean IoU over `classes`
-    only, of the fused output and of the finest level, from the job's val_counts.pt."""
+def add_focus_metrics(runs: Sequence[dict[str, Any]], groups: Mapping[str, Sequence[str]]) -> None:
+    """Add `mIoU[name]` and `mIoU_finest[name]` for each focus group to each run's metrics: the mean IoU
+    over the group's classes only, of the fused output and of the finest level, from the job's
+    val_counts.pt (read once per job)."""
     for run in runs:
         class_names = list(run["metrics"]["per_class_iou"])
-        missing = [cls for cls in classes if cls not in class_names]
+        missing = [cls for classes in groups.values() for cls in classes if cls not in class_names]
         if missing:
             raise ValueError(f"focus classes {missing} are not classes of job {run['job']}: {class_names}")
         iou = class_iou(load_counts(run["job"])["confmat"])  # rows: fused, level 1 .. level L
-        picked = iou[:, [class_names.index(cls) for cls in classes]]
-        run["metrics"][focus_metric("mIoU", name)] = float(torch.nanmean(picked[0]))
-        run["metrics"][focus_metric("mIoU_finest", name)] = float(torch.nanmean(picked[-1]))
+        for name, classes in groups.items():
+            picked = iou[:, [class_names.index(cls) for cls in classes]]
+            run["metrics"][focus_metric("mIoU", name)] = float(torch.nanmean(picked[0]))
+            run["metrics"][focus_metric("mIoU_finest", name)] = float(torch.nanmean(picked[-1]))
 
 
 def load_counts(job: str | Path) -> dict[str, torch.Tensor]:
@@ -247,7 +249,7 @@ def write_report(
     class names) adds the mIoU over those classes: a second table in the layout, more columns otherwise."""
     runs = collect_runs(sweep_dir)
     if focus:
-        add_focus_metrics(runs, *focus)
+        add_focus_metrics(runs, dict([focus]))
     layout = report_layout(runs) if by is None else None
     if layout:
         layouts = [layout, focus_layout(layout, focus[0])] if focus else [layout]
@@ -320,8 +322,7 @@ def write_mechanism_report(
     seeds), `notes` (markdown lines), per-class IoU, Table 9 and the share of cells of one job of the
     largest L, and the goals of the controlled experiment checked (L=1 against the largest L)."""
     runs = collect_runs(sweep_dir)
-    for name, classes in groups.items():
-        add_focus_metrics(runs, name, classes)
+    add_focus_metrics(runs, groups)
     metrics = [*DEFAULT_METRICS, *(focus_metric(m, name) for name in groups for m in DEFAULT_METRICS)]
     rows = sorted(summarize(runs, ["model.levels"], metrics), key=lambda row: int(row["model.levels"]))
     kinds = {"mIoU": "fused", "mIoU_finest": "finest only"}
@@ -346,10 +347,7 @@ def write_mechanism_report(
     if notes:
         lines += ["", *notes]
 
-    levels_of = {
-        run["job"]: int(run["overrides"].get("model.levels", run["config"]["model"]["levels"]))
-        for run in runs
-    }
+    levels_of = {run["job"]: int(run["config"]["model"]["levels"]) for run in runs}  # the resolved config
     lines += ["", "### Per-class IoU of the fused output (%, mean over seeds)", ""]
     lines += per_class_markdown(runs, levels_of)
     top = max(levels_of.values())
