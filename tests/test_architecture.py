@@ -25,7 +25,7 @@ ENTRY_POINTS = {
 }
 # Library layers, upper to lower: a module may import its own layer and the layers below it.
 LIBRARY_LAYERS = (
-    ("sfseg.inference", "sfseg.module", "sfseg.runs", "sfseg.callbacks", "sfseg.sweeps"),
+    ("sfseg.inference", "sfseg.module", "sfseg.runs", "sfseg.callbacks", "sfseg.sweeps", "sfseg.cli"),
     ("sfseg.models", "sfseg.data", "sfseg.metrics", "sfseg.analysis", "sfseg.visualize"),
     ("sfseg.pyramid", "sfseg"),  # `sfseg` itself holds only CONFIG_DIR
 )

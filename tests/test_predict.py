@@ -3,6 +3,7 @@ level maps for any image, and clear errors for files that are not images."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,13 +40,15 @@ def write_images(folder: Path) -> dict[str, tuple[int, int]]:
     return {"grey": (53, 37), "rgba": (45, 70), "odd": (131, 99)}
 
 
-def predict_config(checkpoint: Path, input_path: Path, output: Path, ids: str = "class"):
+def predict_config(
+    checkpoint: Path, input_path: Path, output: Path | None, ids: str = "class", fuse: bool = True
+):
     return OmegaConf.create(
         {
             "ckpt_path": str(checkpoint),
             "input": str(input_path),
-            "output": str(output),
-            "fuse": True,
+            "output": None if output is None else str(output),
+            "fuse": fuse,
             "sparse_inference": True,
             "alpha": 0.5,
             "device": "cpu",
@@ -103,6 +106,25 @@ def test_predict_single_file(checkpoint: Path, tmp_path: Path):
     assert (tmp_path / "out" / "odd_levels.png").is_file()
     with pytest.raises(NotAnImageError, match=f"not an image: {tmp_path / 'in' / 'notes.txt'}"):
         run(predict_config(checkpoint, tmp_path / "in" / "notes.txt", tmp_path / "out"))
+
+
+@pytest.mark.slow
+def test_without_output_the_pictures_go_into_the_checkpoints_run_folder(checkpoint: Path, tmp_path: Path):
+    # A copy of the run folder: what predict writes stays in this test.
+    run_folder = tmp_path / "run"
+    (run_folder / "checkpoints").mkdir(parents=True)
+    ckpt = shutil.copy(checkpoint, run_folder / "checkpoints" / "last.ckpt")
+    write_images(tmp_path / "photos")
+    assert run(predict_config(ckpt, tmp_path / "photos", None)) == 1  # notes.txt is no image
+    assert (run_folder / "predict" / "photos" / "odd_mask.png").is_file()
+    assert run(predict_config(ckpt, tmp_path / "photos" / "grey.png", None)) == 0
+    assert (run_folder / "predict" / "grey_levels.png").is_file()
+    assert run(predict_config(ckpt, tmp_path / "photos" / "grey.png", None, fuse=False)) == 0
+    assert (run_folder / "predict_finest" / "grey_mask.png").is_file()
+    # Nothing among the input images.
+    assert sorted(path.name for path in (tmp_path / "photos").iterdir()) == [
+        "grey.png", "notes.txt", "odd.jpg", "rgba.png"
+    ]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from sfseg import CONFIG_DIR
+from sfseg.cli import hydra_main
 from sfseg.inference import EXPORT_FORMATS, ExportedModel, export_model, export_size, load
 from sfseg.pyramid import check_tau
 from sfseg.runs import checkpoint_run_folder
@@ -56,7 +55,7 @@ def run(cfg: DictConfig) -> ExportedModel:
     return exported
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

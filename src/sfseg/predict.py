@@ -1,4 +1,4 @@
-"""Prediction entry point: `python -m sfseg.predict ckpt_path=<ckpt> input=<image or folder> output=<folder>`.
+"""Prediction entry point: `python -m sfseg.predict ckpt_path=<ckpt> input=<image or folder> [output=<folder>]`.
 
 For each image (any size; grey, palette and RGBA files are converted to RGB with a note) it writes
 `<stem>_mask.png`, a palette PNG whose pixel values are the 0-based class ids (`ids=raw`: the dataset's
@@ -6,7 +6,8 @@ own label ids, e.g. ADE20K 1..150) and whose palette is the dataset's, so viewer
 mask; `<stem>_overlay.png`, the coloured mask over the image; and `<stem>_levels.png`, which pyramid
 level each pixel was fused from, in the level colours of every sfseg picture (level 1 dark ... level L
 yellow). A file that is not an image is an error naming it; in a folder the bad files are reported at
-the end and the command exits non-zero after predicting the others.
+the end and the command exits non-zero after predicting the others. Without `output`, the pictures go
+into the checkpoint's training run folder (`default_output`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from sfseg import CONFIG_DIR
+from sfseg.cli import hydra_main
 from sfseg.data.datasets import NotAnImageError, decode_rgb
 from sfseg.inference import autocast, load, resolve_device
+from sfseg.runs import checkpoint_run_folder
 from sfseg.visualize import colorize, level_colours, overlay, palette_image
 
 
@@ -43,6 +44,13 @@ def input_files(input_path: Path) -> list[Path]:
     return files
 
 
+def default_output(ckpt_path: str, input_path: Path, fuse: bool) -> Path:
+    """`<training run folder>/predict` (`predict_finest` for the finest level only), plus the folder's
+    name for a folder of images: next to the run's eval/ and export/, apart from the input images."""
+    folder = checkpoint_run_folder(ckpt_path) / ("predict" if fuse else "predict_finest")
+    return folder / input_path.resolve().name if input_path.is_dir() else folder
+
+
 def run(cfg: DictConfig) -> int:
     """Predict every input file; return the number of files that were not images."""
     if not 0.0 <= cfg.alpha <= 1.0:
@@ -55,7 +63,9 @@ def run(cfg: DictConfig) -> int:
         cfg.ckpt_path, device=device, autocast=cfg.autocast, sparse_inference=cfg.sparse_inference
     )
     ids = predictor.label_ids(cfg.ids)
-    output = Path(cfg.output).expanduser()
+    output = (
+        Path(cfg.output).expanduser() if cfg.output else default_output(cfg.ckpt_path, input_path, cfg.fuse)
+    )
     output.mkdir(parents=True, exist_ok=True)
 
     bad: list[str] = []
@@ -82,7 +92,7 @@ def run(cfg: DictConfig) -> int:
     return len(bad)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra_main("predict")
 def main(cfg: DictConfig) -> None:
     if run(cfg):
         sys.exit(1)

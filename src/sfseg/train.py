@@ -17,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -27,8 +26,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from sfseg import CONFIG_DIR
 from sfseg.callbacks import LastCheckpoint
+from sfseg.cli import hydra_main
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.runs import (
@@ -175,7 +174,7 @@ def save_pyramid_png(
     return save_figure(figure, path)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_main("train")
 def main(cfg: DictConfig) -> float:
     metrics = train(cfg)
     return metrics["mIoU"]  # what a Hydra sweeper optimises

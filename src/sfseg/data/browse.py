@@ -8,19 +8,15 @@ unity cells per pyramid level, as CSV files and bar charts. See conf/browse.yaml
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
-import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from sfseg import CONFIG_DIR
+from sfseg.cli import hydra_main
 from sfseg.data.datamodule import SegmentationDataModule
-from sfseg.data.datasets import LayoutError
-from sfseg.data.real import DatasetProblems
 from sfseg.data.statistics import SplitStatistics, split_statistics, write_csv
 from sfseg.data.transforms import val_transform
 from sfseg.pyramid import build_targets
@@ -115,13 +111,9 @@ def print_summary(
     print(f"statistics : {out / 'class_frequency.csv'}, {out / 'unity_cells.csv'}, {out / 'statistics.png'}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="browse")
+@hydra_main("browse")
 def main(cfg: DictConfig) -> None:
-    try:
-        browse(cfg)
-    except (LayoutError, DatasetProblems) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    browse(cfg)  # a missing root or unusable files: one message (sfseg.cli.short_errors)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from tqdm import tqdm
 
 from sfseg import CONFIG_DIR
+from sfseg.cli import require_keys, short_errors
 from sfseg.data.datasets import LayoutError
 from sfseg.data.real import FileDataModule
 
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="threads decoding files")
     args = parser.parse_args(argv)
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with short_errors(), initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
-    datamodule = instantiate(cfg.data)
+    require_keys(cfg, args.overrides)
+    with short_errors():
+        datamodule = instantiate(cfg.data)
     if not isinstance(datamodule, FileDataModule):
         print(
             f"error: data={cfg.data._target_} is not a dataset on disk; nothing to validate", file=sys.stderr
