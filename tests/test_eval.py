@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from sfseg.data.classes import SYNTHETIC_CLASSES
+from sfseg.data.classes import ADE20K_CLASSES, SYNTHETIC_CLASSES
 from sfseg.eval import default_eval_folder, run
 from sfseg.inference import (
     InferenceSettings,
@@ -26,6 +28,7 @@ from sfseg.inference import (
 from sfseg.models import PyramidOutput
 from sfseg.visualize import denormalize
 from tests.conftest import TINY, compose_config
+from tests.fixtures import make_ade20k
 
 # The data part of the tiny training run: eval must see the same validation images.
 TINY_DATA = [override for override in TINY if override.startswith("data.")]
@@ -336,3 +339,84 @@ def test_eval_refuses_a_model_or_data_that_does_not_match_the_checkpoint(trained
         evaluate_in_process(trained_run, tmp_path / "e", "eval.tau_sweep=0.5")
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=.*missing\.ckpt: no such checkpoint file"):
         run(compose_config([f"ckpt_path={tmp_path / 'missing.ckpt'}", "eval.device=cpu"], tmp_path, "eval"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The data of the checkpoint's own training run
+
+
+def run_eval(ckpt: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sfseg.eval", f"ckpt_path={ckpt}", "eval.device=cpu", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def ade20k_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two training steps on the ADE20K fixture (150 classes, files on disk): another dataset than
+    eval's former default, the synthetic scenes."""
+    base = tmp_path_factory.mktemp("ade20k_run")
+    root, run_dir = make_ade20k(base / "data"), base / "run"
+    overrides = ["data=ade20k", f"data.root={root}", "data.crop_size=64", "data.batch_size=2"]
+    overrides += ["data.num_workers=0", "model.backbone.pretrained=false", "num_pyramid_images=0"]
+    overrides += [override for override in TINY if override.startswith(("model.", "trainer."))]
+    result = subprocess.run(
+        [sys.executable, "-m", "sfseg.train", *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=base,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_eval_scores_the_dataset_the_checkpoint_was_trained_on_without_data(ade20k_run: Path):
+    trained = json.loads((ade20k_run / "metrics.json").read_text())
+    result = run_eval(ade20k_run / "checkpoints" / "last.ckpt", cwd=ade20k_run.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics, _, rows = read_outputs(ade20k_run / "eval")
+    assert metrics["data"] == "sfseg.data.real.ADE20KDataModule" and metrics["num_images"] == 2
+    assert [row["class"] for row in rows] == list(ADE20K_CLASSES)
+    assert metrics["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)  # the run's own val split
+    assert "skyscraper" in result.stdout  # the per-class table names ADE20K's classes
+
+
+@pytest.mark.slow
+def test_a_dataset_elsewhere_on_this_machine_needs_only_data_root(ade20k_run: Path, tmp_path: Path):
+    # The run folder on another machine: its recorded data.root does not exist there.
+    moved = tmp_path / "run"
+    shutil.copytree(ade20k_run, moved, ignore=shutil.ignore_patterns("eval*"))
+    recorded = moved / "config.yaml"
+    config = yaml.safe_load(recorded.read_text())
+    root, config["data"]["root"] = config["data"]["root"], str(tmp_path / "not_here")
+    recorded.write_text(yaml.safe_dump(config))
+    ckpt = moved / "checkpoints" / "last.ckpt"
+
+    def evaluate_moved(*overrides: str) -> dict:
+        return run(
+            compose_config([f"ckpt_path={ckpt}", "eval.device=cpu", *overrides], tmp_path / "eval", "eval")
+        )
+
+    with pytest.raises(FileNotFoundError, match=f"data.root not found: {tmp_path / 'not_here'}"):
+        evaluate_moved()
+    metrics = evaluate_moved(f"data.root={root}")
+    trained = json.loads((ade20k_run / "metrics.json").read_text())
+    assert list(metrics["per_class_iou"]) == list(ADE20K_CLASSES)
+    assert metrics["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
+    with pytest.raises(
+        ValueError, match=r"data\.rooot: the training run's data \(.*ADE20KDataModule\) has no"
+    ):
+        evaluate_moved(f"data.rooot={root}")
+
+
+@pytest.mark.slow
+def test_data_on_the_command_line_still_picks_the_dataset(ade20k_run: Path, tmp_path: Path):
+    ckpt = ade20k_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"data=.*SyntheticDataModule has 12 classes but the checkpoint"):
+        run(compose_config([f"ckpt_path={ckpt}", "data=synthetic", *TINY_DATA], tmp_path, "eval"))

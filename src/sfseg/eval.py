@@ -18,11 +18,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from sfseg import CONFIG_DIR
+from sfseg.cli import hydra_main, short_errors
 from sfseg.inference import (
     InferenceSettings,
     autocast,
@@ -58,7 +58,13 @@ def default_eval_folder(
 
 
 # conf/eval.yaml's hydra.run.dir calls it; registered at import, before Hydra composes the config.
-OmegaConf.register_new_resolver("sfseg_eval_folder", default_eval_folder, replace=True)
+OmegaConf.register_new_resolver("sfseg_eval_folder", short_errors()(default_eval_folder), replace=True)
+# conf/eval.yaml's default data: the checkpoint's training run's (Predictor.training_data). The node is
+# open (not struct), so that data.<key>=<value> sets any key of that recorded config, data.root above all.
+CHECKPOINT_DATA = "checkpoint"
+ConfigStore.instance().store(
+    group="data", name=CHECKPOINT_DATA, node=OmegaConf.create({}, flags={"struct": False})
+)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -72,6 +78,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.tau is not None:
         predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
     taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
+    if HydraConfig.get().runtime.choices.get("data") == CHECKPOINT_DATA:
+        cfg.data = predictor.training_data(cfg.data)
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
     evaluation = evaluate(
@@ -125,7 +133,7 @@ def sweep_taus(tau_sweep: Sequence[float], checkpoint_tau: float) -> list[float]
     return sorted({*(check_tau(tau, "eval.tau_sweep") for tau in tau_sweep), checkpoint_tau})
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra_main("eval")
 def main(cfg: DictConfig) -> float:
     return run(cfg)["mIoU"]
 

@@ -187,9 +187,10 @@ def latest_checkpoint(root: str | Path = REPO_ROOT / "outputs" / "train") -> Pat
 
 
 def run_data_config(ckpt_path: str | Path) -> DictConfig | None:
-    """The composed config of a checkpoint's training run (`<run folder>/.hydra/config.yaml`), or None
-    when the checkpoint does not sit in a run folder."""
-    config_path = checkpoint_run_folder(ckpt_path) / ".hydra" / "config.yaml"
+    """The resolved config of a checkpoint's training run (`<run folder>/config.yaml`, plain values: it
+    needs none of train's resolvers, e.g. trainer=ddp's per-device batch), or None when the checkpoint
+    does not sit in a run folder."""
+    config_path = checkpoint_run_folder(ckpt_path) / "config.yaml"
     return OmegaConf.load(config_path) if config_path.is_file() else None
 
 

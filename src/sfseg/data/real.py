@@ -189,6 +189,6 @@ def training_layout(data_target: str | None, class_names: Sequence[str]) -> Layo
         names = " and ".join(layout.name for layout in layouts)
         raise ValueError(
             f"the checkpoint's classes are those of {names}, whose raw label ids differ, and it is not in "
-            "its training run folder (whose .hydra/config.yaml names the data); predict from the run folder"
+            "its training run folder (whose config.yaml names the data); predict from the run folder"
         )
     return layouts[0] if layouts else None

@@ -7,13 +7,14 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from sfseg.analysis import pixel_levels
@@ -171,13 +172,29 @@ class Predictor:
 
     def datamodule(self, cfg: DictConfig | None = None) -> SegmentationDataModule:
         """The validation data: `cfg.data` (an eval config), else the checkpoint's training run's."""
-        cfg = cfg if cfg is not None else self.data_config
-        if cfg is None:
-            raise FileNotFoundError(
-                f"the checkpoint {self.checkpoint} is not in a training run folder (no .hydra/config.yaml "
-                "beside its checkpoints/ folder); evaluate it with `python -m sfseg.eval ckpt_path=... data=<name>`"
-            )
+        cfg = cfg if cfg is not None else self.run_config()
         return _checkpoint_datamodule(cfg, self)
+
+    def run_config(self) -> DictConfig:
+        """The config of the checkpoint's training run."""
+        if self.data_config is None:
+            raise FileNotFoundError(
+                f"the checkpoint {self.checkpoint} is not in a training run folder (no config.yaml beside "
+                "its checkpoints/ folder); evaluate it with `python -m sfseg.eval ckpt_path=... data=<name>`"
+            )
+        return self.data_config
+
+    def training_data(self, changes: Mapping[str, Any]) -> DictConfig:
+        """The data config of the checkpoint's training run with `changes` (data.<key> values, e.g. a
+        root that moved): what `python -m sfseg.eval` scores without `data=`."""
+        data = self.run_config().data
+        unknown = sorted(set(changes) - set(data))
+        if unknown:
+            raise ValueError(
+                f"data.{unknown[0]}: the training run's data ({data._target_}) has no such key; "
+                f"its keys are {', '.join(key for key in data if key != '_target_')}"
+            )
+        return OmegaConf.merge(data, changes)
 
 
 def load(
