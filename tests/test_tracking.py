@@ -1,7 +1,9 @@
-"""W&B tracking with the real client offline: what a sweep's jobs write, read back from the run files."""
+"""Tracking, read back from the run files: W&B with the real client offline (what a sweep's jobs write),
+and TensorBoard's event files next to the CSV logger's table."""
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
 from tests.conftest import TINY
@@ -27,6 +30,18 @@ SWEEP = [
     "callbacks.last_checkpoint.every_n_train_steps=4",
     "model.levels=1,4",
 ]
+# What every run logs: the losses, the fused, per-level and unity metrics of each validation.
+LOGGED = {
+    "train/loss",
+    *(f"train/ce_level{i}" for i in range(1, 5)),
+    *(f"train/bce_level{i}" for i in range(1, 4)),
+    "val/mIoU",
+    "val/mIoU_finest",
+    "val/pixel_acc",
+    "val/loss",
+    *(f"val/{name}_level{i}" for name in ("mIoU", "share") for i in range(1, 5)),
+    *(f"val/unity_{name}_level{i}" for name in ("precision", "recall") for i in range(1, 4)),
+}
 BLOCK_SIZE = 32 * 1024  # the .wandb file is a LevelDB-style log of protobuf records
 RECORD_HEADER = 7  # checksum (4), length (2), type (1)
 FULL, LAST = 1, 4
@@ -122,16 +137,7 @@ def test_resolved_config_losses_and_metrics_are_logged(sweep: dict[int, Path]):
     run = read_run(run_dirs(sweep[4])[0])
     assert run.config["model"]["levels"] == 4 and run.config["data"]["num_levels"] == 4
     assert run.config["logger"]["wandb"]["id"] == run.run.run_id
-    logged = {key for row in run.history for key in row}
-    losses = {
-        "train/loss",
-        *(f"train/ce_level{i}" for i in range(1, 5)),
-        *(f"train/bce_level{i}" for i in range(1, 4)),
-    }
-    fused = {"val/mIoU", "val/mIoU_finest", "val/pixel_acc", "val/loss"}
-    per_level = {f"val/{name}_level{i}" for name in ("mIoU", "share") for i in range(1, 5)}
-    unity = {f"val/unity_{name}_level{i}" for name in ("precision", "recall") for i in range(1, 4)}
-    assert losses | fused | per_level | unity <= logged
+    assert {key for row in run.history for key in row} >= LOGGED
     validations = [row for row in run.history if "val/mIoU" in row]
     assert len(validations) == 3  # after each of the 2 epochs, and the final one of the best checkpoint
 
@@ -174,3 +180,42 @@ def test_resume_continues_the_same_wandb_run(sweep: dict[int, Path]):
     assert first.run.run_id == resumed.run.run_id == (job / "wandb_run_id").read_text().strip()
     steps = [row["trainer/global_step"] for row in resumed.history if "train/loss" in row]
     assert min(steps) >= 8 and json.loads((job / "metrics.json").read_text())["step"] == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+@pytest.fixture(scope="module")
+def tensorboard_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two epochs of 4 steps logged to TensorBoard and CSV at once (logger=[csv,tensorboard])."""
+    root = tmp_path_factory.mktemp("tensorboard")
+    run_dir = root / "run"
+    overrides = [*TINY, "logger=[csv,tensorboard]", "trainer.max_steps=8", "trainer.log_every_n_steps=1"]
+    result = run_train(*overrides, "num_pyramid_images=0", f"hydra.run.dir={run_dir}", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_tensorboard_event_files_hold_what_the_csv_table_holds(tensorboard_run: Path):
+    events = EventAccumulator(str(tensorboard_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= LOGGED
+    with (tensorboard_run / "csv" / "metrics.csv").open() as handle:
+        table = [row for row in csv.DictReader(handle) if row["val/mIoU"]]
+    logged = events.Scalars("val/mIoU")
+    # After each of the 2 epochs, and the final validation of the best checkpoint, which metrics.json holds.
+    assert [event.step for event in logged] == [int(row["step"]) for row in table] and len(logged) == 3
+    assert [event.value for event in logged] == pytest.approx([float(row["val/mIoU"]) for row in table])
+    metrics = json.loads((tensorboard_run / "metrics.json").read_text())
+    assert logged[-1].value == pytest.approx(metrics["mIoU"], abs=1e-6)
+    hparams = yaml.safe_load((tensorboard_run / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["model"]["levels"] == 4 and hparams["data"]["num_levels"] == 4
+
+
+def test_tensorboard_shows_the_pyramids_after_each_validation(tensorboard_run: Path):
+    events = EventAccumulator(str(tensorboard_run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    pictures = events.Images("val/pyramid")
+    assert [picture.step for picture in pictures] == [4, 8]  # the fit's validations, not the final one
+    assert all(picture.width > 400 and picture.height > 200 for picture in pictures)

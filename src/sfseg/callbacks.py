@@ -1,4 +1,4 @@
-"""Lightning callbacks: the resumable last checkpoint, and the W&B pictures and tables of the pyramids."""
+"""Lightning callbacks: the resumable last checkpoint, and the pictures of the pyramids on W&B and TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
@@ -160,6 +160,49 @@ class WandbPyramidMedia(L.Callback):
                 "level_map": {"mask_data": _mask(level_pixels), "class_labels": level_labels},
             },
         )
+
+
+class TensorBoardPyramid(L.Callback):
+    """On TensorBoard: after each validation of the fit, the picture of pyramid.png (the two pyramids, the
+    level map and the fused output) for the first `num_images` val images, as image `val/pyramid` at that
+    step. Works with any set of loggers and does nothing without a TensorBoardLogger; only rank 0 draws."""
+
+    def __init__(self, num_images: int = 2) -> None:
+        self.num_images = num_images
+        self._images: list[Tensor] = []
+        self._labels: list[Tensor] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: SpecializeAndFuseModule) -> None:
+        self._images, self._labels = [], []
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: SpecializeAndFuseModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        missing = self.num_images - sum(len(images) for images in self._images)
+        if missing > 0 and self._logger(trainer) is not None:
+            self._images.append(batch["image"][:missing].cpu())
+            self._labels.append(batch["label"][:missing].cpu())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: SpecializeAndFuseModule) -> None:
+        logger = self._logger(trainer)
+        if logger is None or not self._images:
+            return
+        palette = getattr(trainer.datamodule, "palette", ())
+        figure = pl_module.predictor(palette).pyramid_figure(torch.cat(self._images), torch.cat(self._labels))
+        logger.experiment.add_figure("val/pyramid", figure, global_step=trainer.global_step)
+
+    @staticmethod
+    def _logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+        # Not the sanity check, nor the final validation of the best checkpoint (pyramid.png draws that).
+        if not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return None
+        return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
 
 
 def _mask(values: Tensor) -> np.ndarray:
