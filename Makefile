@@ -22,8 +22,12 @@ lint: $(INSTALLED)
 	$(PY) -m ruff check src tests notebooks
 	$(PY) -m ruff format --check src tests notebooks
 
+# The whole suite, slow end-to-end tests included, on TEST_WORKERS processes (pytest-xdist): one test file
+# per worker at a time, so that a file's trained fixtures are built once (see tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(INSTALLED) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: $(INSTALLED)
 	$(PY) -m sfseg.bench $(ARGS)

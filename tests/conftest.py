@@ -35,6 +35,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end (slow) tests first, each file's tests in their own order: `make test` runs
+    one file per worker at a time (pytest-xdist --dist loadfile --no-loadscope-reorder), so the long
+    files start at once on both workers and the quick ones fill in at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the rest keeps pytest's order
+
+
 def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
     """Compose the real config as `python -m sfseg.train` would, with the run folder set."""
     GlobalHydra.instance().clear()

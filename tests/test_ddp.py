@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import lightning as L
@@ -40,9 +41,17 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "num_pyramid_images=0",
         f"hydra.run.dir={run_dir}",
         cwd=root,
+        env={"MASTER_PORT": str(free_port())},  # its own rendezvous port: other DDP runs may be going on
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -30,20 +30,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def start_train(*overrides: str, cwd: Path) -> subprocess.Popen:
-    """`python -m sfseg.train <overrides>` in the background, output captured."""
+def start_train(*overrides: str, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """`python -m sfseg.train <overrides>` in the background, output captured; `env` adds variables."""
     return subprocess.Popen(
         [sys.executable, "-m", "sfseg.train", *overrides],
         cwd=cwd,
-        env=ENV,
+        env={**ENV, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def run_train(*overrides: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    process = start_train(*overrides, cwd=cwd)
+def run_train(
+    *overrides: str, cwd: Path, timeout: float = 600, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    process = start_train(*overrides, cwd=cwd, env=env)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
