@@ -29,6 +29,7 @@ from sfseg.models import PyramidOutput
 from sfseg.visualize import denormalize
 from tests.conftest import TINY, compose_config
 from tests.fixtures import make_ade20k
+from tests.test_reproducibility import run_train
 
 # The data part of the tiny training run: eval must see the same validation images.
 TINY_DATA = [override for override in TINY if override.startswith("data.")]
@@ -364,13 +365,7 @@ def ade20k_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     overrides = ["data=ade20k", f"data.root={root}", "data.crop_size=64", "data.batch_size=2"]
     overrides += ["data.num_workers=0", "model.backbone.pretrained=false", "num_pyramid_images=0"]
     overrides += [override for override in TINY if override.startswith(("model.", "trainer."))]
-    result = subprocess.run(
-        [sys.executable, "-m", "sfseg.train", *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=base,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_train(*overrides, f"hydra.run.dir={run_dir}", cwd=base)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
