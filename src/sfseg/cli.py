@@ -121,10 +121,8 @@ def short_errors() -> Iterator[None]:
             raise
         print(f"error: {error.__cause__}", file=sys.stderr)
         raise SystemExit(1) from None
-    except (
-        *USER_ERRORS,
-        CompactHydraException,
-    ) as error:  # Hydra's own: a config group option not found, ...
+    # Hydra's own compact errors too: a config group option not found, a key not in the config, ...
+    except (*USER_ERRORS, CompactHydraException) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
