@@ -21,6 +21,7 @@ from sfseg.data.datamodule import SyntheticDataModule
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.train import build, check_global_batch, check_processes
 from tests.conftest import TINY, compose_config
+from tests.test_eval import run_eval
 from tests.test_reproducibility import one_thread, run_train
 
 # SyncBatchNorm runs on GPUs only; on CPU processes the test keeps plain BatchNorm.
@@ -35,8 +36,8 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = root / "run"
     result = run_train(
         *CPU_DDP,
-        *TINY,
-        "global_batch_size=8",
+        *(override for override in TINY if not override.startswith("data.batch_size=")),
+        "global_batch_size=8",  # data.batch_size: trainer=ddp's per-device share, 4
         "data.val_batch_size=1",
         "num_pyramid_images=0",
         f"hydra.run.dir={run_dir}",
@@ -81,6 +82,16 @@ def test_ddp_validation_counts_equal_one_process_on_the_same_checkpoint(ddp_run:
         assert torch.equal(ddp_counts[name], counts), name
     assert ddp_counts["confmat"].sum() == 5 * 4 * 64 * 64  # fused + 4 levels over every val pixel once
     assert model.last_val_scores["mIoU"] == pytest.approx(metrics["mIoU"])
+
+
+@pytest.mark.slow
+def test_eval_scores_a_ddp_checkpoint_on_its_runs_data(ddp_run: Path, tmp_path: Path):
+    # The run's data.batch_size came from train's per-device resolver, which sfseg.eval does not load.
+    metrics = json.loads((ddp_run / "metrics.json").read_text())
+    result = run_eval(Path(metrics["checkpoint"]), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads((ddp_run / "eval" / "metrics.json").read_text())
+    assert scored["num_images"] == 4 and scored["mIoU"] == pytest.approx(metrics["mIoU"], abs=1e-6)
 
 
 @pytest.mark.parametrize(
