@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from sfseg.ablation import MECHANISM_REGIME, PRESETS, sweep_command
+from sfseg.ablation import MECHANISM_REGIME, PRESETS, cue_note, sweep_command
 from sfseg.data.synthetic_context import (
     CONTEXT_CLASSES,
     CONTEXT_PALETTE,
@@ -28,6 +28,7 @@ from sfseg.data.synthetic_context import (
     LOOK_ALIKE_PAIRS,
     MARKER_COLOURS,
     NO_MARKER,
+    ContextScene,
     ContextScenes,
     cue_coverage,
     draw_context_scene,
@@ -181,6 +182,76 @@ def test_most_pixels_cannot_see_their_cue_and_most_coarse_cells_can(scenes):
     assert coverage["pixel"] < 0.35  # most look-alike pixels have no marker of their region within R
     assert coverage["cells32"] > 0.5  # most lie in whole-class level-1 cells (32 px at L=4)...
     assert coverage["cell32"] > 0.7  # ...whose field (32 + R - 1 pixels) holds a marker of the class
+
+
+def hand_drawn_scene() -> ContextScene:
+    """8 x 8 pixels: sky (top left 4 x 4), water (top right 4 x 4), sand (bottom, columns 0-5) and grass
+    (bottom, columns 6-7); one water marker pixel at (3, 4) and one sand marker pixel at (7, 5)."""
+    label = np.full((8, 8), CONTEXT_CLASSES.index("grass"), dtype=np.uint8)
+    label[:4, :4] = CONTEXT_CLASSES.index("sky")
+    label[:4, 4:] = CONTEXT_CLASSES.index("water")
+    label[4:, :6] = CONTEXT_CLASSES.index("sand")
+    markers = np.full((8, 8), NO_MARKER, dtype=np.uint8)
+    markers[3, 4] = CONTEXT_CLASSES.index("water")
+    markers[7, 5] = CONTEXT_CLASSES.index("sand")
+    return ContextScene(np.zeros((8, 8, 3), dtype=np.uint8), label, markers)
+
+
+def test_cue_coverage_of_a_hand_drawn_scene():
+    """Counted on paper. Look-alike pixels: 16 sky + 16 water + 24 sand = 56.
+
+    R = 3 (a pixel sees its 3 x 3 square): water pixels (2..3, 4..5) see the water marker, sand pixels
+    (6..7, 4..5) the sand marker: 8 of 56. Sky pixel (3, 3) and sand pixels (4, 3..5) see the water
+    marker, which is not of their class. 4 x 4 cells: sky, water and sand (bottom left) are whole-class
+    cells (48 pixels); the bottom right cell is half sand, half grass. Grown by R // 2 = 1, only the water
+    cell's field holds a marker of its class (the sky cell's holds the water marker; the sand cell's,
+    columns -1..4, misses the sand marker in column 5): 16 of 48.
+    """
+    scene = hand_drawn_scene()
+    coverage = cue_coverage([scene], receptive_field=3, cell_sizes=(4, 8))
+    assert coverage == pytest.approx(
+        {"pixel": 8 / 56, "cells4": 48 / 56, "cell4": 16 / 48, "cells8": 0.0, "cell8": 0.0}
+    )
+    # R = 5: water pixels in rows 1..3, columns 4..6 (9) and sand pixels in rows 5..7, columns 3..5 (9);
+    # grown by 2, the sand cell's field (columns -2..5) now holds the sand marker: water 16 + sand 16 of 48.
+    coverage = cue_coverage([scene], receptive_field=5, cell_sizes=(4,))
+    assert coverage == pytest.approx({"pixel": 18 / 56, "cells4": 48 / 56, "cell4": 32 / 48})
+    # A second scene, all water with a marker at (4, 4): 9 pixels see it; all four 4 x 4 cells are
+    # whole and their fields (grown by 1) reach (4, 4). Shares are over the pixels of both scenes.
+    water = np.full((8, 8), CONTEXT_CLASSES.index("water"), dtype=np.uint8)
+    markers = np.full((8, 8), NO_MARKER, dtype=np.uint8)
+    markers[4, 4] = CONTEXT_CLASSES.index("water")
+    second = ContextScene(np.zeros((8, 8, 3), dtype=np.uint8), water, markers)
+    coverage = cue_coverage([scene, second], receptive_field=3, cell_sizes=(4,))
+    assert coverage == pytest.approx({"pixel": 17 / 120, "cells4": 112 / 120, "cell4": 80 / 112})
+
+
+def test_cue_note_is_the_coverage_of_the_val_scenes_the_jobs_scored():
+    """The mechanism report's note: cue_coverage of the config's val split (data_seed, size, geometry,
+    val_samples) with R = 31 and level-1 cells of 32 pixels (L=4)."""
+    geometry = {"region_size": 48, "marker_spacing": 32, "marker_size": 8}
+    data = {
+        "_target_": "sfseg.data.datamodule.SyntheticContextDataModule",
+        "size": 96,
+        "data_seed": 3,
+        "val_samples": 4,
+        **geometry,
+    }
+    config = {"data": data, "model": {"backbone": {"name": "local"}}}
+    scenes = [draw_context_scene(index, 3, "val", (96, 96), **geometry) for index in range(4)]
+    coverage = cue_coverage(scenes, receptive_field=31, cell_sizes=(32,))
+    assert cue_note(config) == [
+        f"The cue on these val scenes: {100 * coverage['pixel']:.1f} % of the look-alike pixels have a marker "
+        "of their class within the 31 x 31 square a pixel's features see (model/backbone=local); "
+        f"{100 * coverage['cells32']:.1f} % lie in 32 x 32 cells of one class (level 1 at L=4), and the field "
+        f"of {100 * coverage['cell32']:.1f} % of those (32 + 30 pixels wide) holds one."
+    ]
+    assert (
+        "59.9 %" in cue_note(config)[0]
+    )  # 0.5994 on these scenes (0.6096 on train, 0.6987 with data_seed 0)
+    assert cue_note({**config, "model": {"backbone": {"name": "hrnet_w18_small"}}}) == []
+    other_data = {**data, "_target_": "sfseg.data.datamodule.SyntheticDataModule"}
+    assert cue_note({**config, "data": other_data}) == []
 
 
 @pytest.mark.parametrize(
