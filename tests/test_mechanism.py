@@ -238,6 +238,7 @@ def test_cue_note_is_the_coverage_of_the_val_scenes_the_jobs_scored():
         **geometry,
     }
     config = {"data": data, "model": {"backbone": {"name": "local"}}}
+    # The pixel share is 59.9 % on these scenes, 61.0 % on the train split, 69.9 % with data_seed 0.
     scenes = [draw_context_scene(index, 3, "val", (96, 96), **geometry) for index in range(4)]
     coverage = cue_coverage(scenes, receptive_field=31, cell_sizes=(32,))
     assert cue_note(config) == [
@@ -246,9 +247,6 @@ def test_cue_note_is_the_coverage_of_the_val_scenes_the_jobs_scored():
         f"{100 * coverage['cells32']:.1f} % lie in 32 x 32 cells of one class (level 1 at L=4), and the field "
         f"of {100 * coverage['cell32']:.1f} % of those (32 + 30 pixels wide) holds one."
     ]
-    assert (
-        "59.9 %" in cue_note(config)[0]
-    )  # 0.5994 on these scenes (0.6096 on train, 0.6987 with data_seed 0)
     assert cue_note({**config, "model": {"backbone": {"name": "hrnet_w18_small"}}}) == []
     other_data = {**data, "_target_": "sfseg.data.datamodule.SyntheticDataModule"}
     assert cue_note({**config, "data": other_data}) == []
