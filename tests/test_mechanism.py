@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -35,6 +36,7 @@ from sfseg.data.synthetic_context import (
     render_context_scene,
 )
 from sfseg.models.backbones import LocalResNet, create_backbone
+from sfseg.module import training_loss
 from tests.conftest import TINY, compose_config
 from tests.test_reproducibility import ENV
 
@@ -270,18 +272,68 @@ def test_bad_geometry_names_the_key(geometry: dict, key: str):
 # --- configs ---------------------------------------------------------------------------------------------
 
 
-def test_experiment_mechanism_composes_and_trains_a_batch(run_dir: Path):
-    cfg = compose_config(["experiment=mechanism", *TINY, "data.size=96"], run_dir)
+class LossHistory(L.Callback):
+    """The training loss of every step (what training_step returned)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_experiment_mechanism_trains_backbone_and_both_heads(run_dir: Path):
+    """experiment=mechanism as composed: its data and model, the real training loss (Eq. 1 on relabelled
+    targets) reaching the local backbone, the unity head and the semantic head, and Lightning's optimizer
+    steps lowering the loss on a train split of one batch (4 scenes, flips and brightness only)."""
+    cfg = compose_config(["experiment=mechanism", *TINY, "data.size=96", "data.train_samples=4"], run_dir)
     assert cfg.model.backbone.name == "local" and cfg.model.context.name == "none"
     assert cfg.model.relabel.policy == "true_positive"
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    L.seed_everything(0)
+    module = instantiate(cfg.model, num_classes=datamodule.num_classes)
     datamodule.setup("fit")
     assert tuple(datamodule.classes) == CONTEXT_CLASSES
-    batch = next(iter(datamodule.train_dataloader()))
+    # The pyramid targets are built after the batch reaches the device, as in training.
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
     assert batch["image"].shape == (4, 3, 96, 96) and int(batch["label"].max()) < 6
-    out = model(batch["image"])
+    out = module(batch["image"])
     assert [tuple(y.shape[-2:]) for y in out.semantic] == [(3, 3), (6, 6), (12, 12), (24, 24)]
+    assert [tuple(u.shape[-2:]) for u in out.unity] == [(3, 3), (6, 6), (12, 12)]
+
+    parts = {
+        "backbone": module.net.backbone,
+        "unity head": module.net.unity_head,
+        "semantic head": module.net.semantic_head,
+    }
+    total, _ = training_loss(out, batch["targets"], module.policy, module.tau)
+    total.backward()
+    for name, part in parts.items():
+        grads = [parameter.grad for parameter in part.parameters()]
+        assert all(grad is not None for grad in grads), f"no gradient reaches part of the {name}"
+        assert sum(float(grad.abs().sum()) for grad in grads) > 0, f"zero gradient in the {name}"
+    module.zero_grad()
+
+    before = {name: [p.detach().clone() for p in part.parameters()] for name, part in parts.items()}
+    history = LossHistory()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[history],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert len(history.losses) == 8 and all(np.isfinite(history.losses))
+    assert history.losses[-1] < 0.9 * history.losses[0], history.losses
+    for name, part in parts.items():
+        changed = [
+            not torch.equal(old, new) for old, new in zip(before[name], part.parameters(), strict=True)
+        ]
+        assert all(changed), f"the optimizer left {changed.count(False)} tensors of the {name} unchanged"
 
 
 def compose_preset(name: str, run_dir: Path, *extra: str):
@@ -306,8 +358,29 @@ def test_table_presets_run_in_the_mechanism_regime(preset: str, run_dir: Path):
         assert cfg["model"]["context"]["name"] == "none"
 
 
-def test_regime_overrides_stay_in_step_with_the_experiment():
-    assert "data=synthetic_context" in MECHANISM_REGIME and "model/backbone=local" in MECHANISM_REGIME
+def test_regime_overrides_compose_to_experiment_mechanism(run_dir: Path):
+    """MECHANISM_REGIME on the ADE20K ablation setting (what the mechanism_table* presets build on)
+    composes to conf/experiment/mechanism.yaml's config: the same data, model and trainer, all but what
+    each table varies (the context module), the task name and the step budget (ablation sets
+    trainer.max_steps for every job)."""
+
+    def composed(overrides: list[str]) -> dict:
+        cfg = compose_config(overrides, run_dir)
+        choices = {group: cfg.hydra.runtime.choices[group] for group in ("data", "model/backbone", "trainer")}
+        config = OmegaConf.to_container(cfg, resolve=False)
+        for key in ("hydra", "task_name"):
+            del config[key]
+        del config["model"]["context"], config["trainer"]["max_steps"]
+        return {"choices": choices, **config}
+
+    mechanism = composed(["experiment=mechanism"])
+    regime = composed(["experiment=ablation_hrnet32", *MECHANISM_REGIME])
+    assert mechanism["choices"] == {
+        "data": "synthetic_context",
+        "model/backbone": "local",
+        "trainer": "default",
+    }
+    assert regime == mechanism
 
 
 def test_sweep_command_names_job_folders_by_what_varies(tmp_path: Path):
