@@ -377,3 +377,17 @@ def test_paper_layout_and_its_focus_table_from_hand_made_jobs(tmp_path: Path):
         ("oracle", "mIoU[look-alike]", "0"),
     ]
     assert cells[1]["jobs"] == "naive_s0;naive_s1"
+
+
+def test_report_by_levels_with_a_focus_group(goals_met_sweep: Path):
+    """`python -m sfseg.report --by model.levels --focus ...` (and `--preset quick`'s report): one row
+    per L, the focus group's columns after the overall ones."""
+    _, _, markdown = write_report(
+        goals_met_sweep, by=["model.levels"], focus=("look-alike", ["sky", "water"])
+    )
+    assert markdown.splitlines() == [
+        "| model.levels | seeds | mIoU (%) | mIoU_finest (%) | mIoU[look-alike] (%) | mIoU_finest[look-alike] (%) |",
+        "|---|---|---|---|---|---|",
+        "| 1 | 2 | 55.00 ± 7.07 | 55.00 ± 7.07 | 32.50 ± 10.61 | 32.50 ± 10.61 |",
+        "| 4 | 2 | 92.50 ± 10.61 | 55.56 ± 0.00 | 88.75 ± 15.91 | 33.33 ± 0.00 |",
+    ]
