@@ -109,20 +109,24 @@ class FuseAgreement:
     # Pixels whose dense top two logits differ by more than 2 atol: only a near tie may flip there.
     clear_share: float
     argmax_equal_where_clear: bool
+    # Fewer clear pixels than this and the argmax comparison would say too little.
+    min_clear_share: float = 0.9
 
     @property
     def agrees(self) -> bool:
-        """Level maps identical, logits within atol, argmax equal away from near ties (which must be
-        rare: under a tenth of the pixels)."""
+        """Level maps identical, logits within atol, argmax equal away from near ties, and enough pixels
+        away from them."""
         return (
             self.level_maps_equal
             and self.max_logit_difference <= self.atol
             and self.argmax_equal_where_clear
-            and self.clear_share > 0.9
+            and self.clear_share > self.min_clear_share
         )
 
 
-def fuse_agreement(dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor], atol: float) -> FuseAgreement:
+def fuse_agreement(
+    dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor], atol: float, min_clear_share: float = 0.9
+) -> FuseAgreement:
     """Compare `image_logits(..., sparse=False)` with `image_logits(..., sparse=True)` of the same images."""
     (dense_logits, dense_levels), (sparse_logits, sparse_levels) = dense, sparse
     dense_logits, sparse_logits = dense_logits.float(), sparse_logits.float()
@@ -134,4 +138,5 @@ def fuse_agreement(dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor], 
         atol=atol,
         clear_share=clear.float().mean().item(),
         argmax_equal_where_clear=torch.equal(sparse_logits.argmax(1)[clear], dense_logits.argmax(1)[clear]),
+        min_clear_share=min_clear_share,
     )
