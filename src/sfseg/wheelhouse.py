@@ -32,7 +32,7 @@ PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 # Released as source archives only: built into wheels before the resolution, which takes wheels only.
 # omegaconf 2.3 and hydra-core 1.3 pin antlr4-python3-runtime==4.9.*, whose one release is 4.9.3.
 SOURCE_ONLY = ("antlr4-python3-runtime==4.9.3",)
-NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
 EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 MANYLINUX = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
 LEGACY_MANYLINUX = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
@@ -44,11 +44,20 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def requirement_name(requirement: str) -> str:
-    match = NAME.match(requirement)
+def parse_requirement(requirement: str) -> tuple[str, frozenset[str]]:
+    """The package and the extras a requirement names: "cuda-toolkit[cudart]>=13; ..." ->
+    ("cuda-toolkit", {"cudart"})."""
+    match = REQUIREMENT.match(requirement)
     if match is None:
         raise ValueError(f"cannot read a package name from the requirement {requirement!r}")
-    return canonical(match.group(1))
+    extras = frozenset(
+        canonical(extra.strip()) for extra in (match.group(2) or "").split(",") if extra.strip()
+    )
+    return canonical(match.group(1)), extras
+
+
+def requirement_name(requirement: str) -> str:
+    return parse_requirement(requirement)[0]
 
 
 def project_requirements(pyproject: Path = PYPROJECT) -> list[str]:
@@ -80,32 +89,39 @@ def platform_tags(platform: str) -> list[str]:
     return tags
 
 
-def dependency_edges(item: Mapping[str, Any]) -> set[str]:
-    """The packages a resolved item (one entry of pip's installation report) requires: every
-    Requires-Dist, except those of extras nobody asked for."""
-    asked = set(item.get("requested_extras") or ())
+def dependency_edges(
+    requires_dist: Iterable[str] | None, extras: Iterable[str]
+) -> set[tuple[str, frozenset[str]]]:
+    """What a package requires (its Requires-Dist) when installed with `extras`: (package, its extras)
+    pairs, leaving out the requirements of the extras nobody asked for."""
+    asked = {canonical(extra) for extra in extras}
     edges = set()
-    for requirement in item["metadata"].get("requires_dist") or ():
-        marker = requirement.partition(";")[2]
-        extras = set(EXTRA.findall(marker))
-        if not extras or extras & asked:
-            edges.add(requirement_name(requirement))
+    for requirement in requires_dist or ():
+        gates = {canonical(extra) for extra in EXTRA.findall(requirement.partition(";")[2])}
+        if not gates or gates & asked:
+            edges.add(parse_requirement(requirement))
     return edges
 
 
 def kept_packages(report: Mapping[str, Any], without: Iterable[str]) -> list[dict[str, Any]]:
-    """The resolved items to download: what the requested ones need, not passing through `without`
-    (so torch's own dependencies go when torch goes, unless something else needs them too)."""
+    """The resolved items to download: what the requested ones need, with the extras they ask for, not
+    passing through `without` (so torch's own dependencies go when torch goes, unless something else
+    needs them too)."""
     items = {canonical(item["metadata"]["name"]): item for item in report["install"]}
     left_out = {canonical(name) for name in without}
-    todo = [name for name, item in items.items() if item.get("requested") and name not in left_out]
-    kept: set[str] = set()
+    todo = [
+        (name, frozenset(item.get("requested_extras") or ()))
+        for name, item in items.items()
+        if item.get("requested") and name not in left_out
+    ]
+    kept: dict[str, frozenset[str]] = {}
     while todo:
-        name = todo.pop()
-        if name in kept:
+        name, extras = todo.pop()
+        if name in kept and extras <= kept[name]:
             continue
-        kept.add(name)
-        todo += [edge for edge in dependency_edges(items[name]) if edge in items and edge not in left_out]
+        kept[name] = kept.get(name, frozenset()) | extras
+        edges = dependency_edges(items[name]["metadata"].get("requires_dist"), kept[name])
+        todo += [(edge, edge_extras) for edge, edge_extras in edges if edge in items and edge not in left_out]
     return [items[name] for name in sorted(kept)]
 
 
