@@ -115,14 +115,14 @@ def test_refuses_full_sizes_on_the_cpu_and_no_time(args: list[str], message: str
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-# Stands in for `python -m sfseg.gpu_check --stage NAME ...`: smoke fails, table5 hangs (with a child of
-# its own), the others pass at once.
+# Stands in for `python -m sfseg.gpu_check --stage NAME ...`: smoke fails as on a node without hydra,
+# table5 hangs (with a child of its own), the others pass at once.
 FAKE_STAGE = """
 import json, subprocess, sys, time
 args = sys.argv[1:]
 stage, result = args[args.index("--stage") + 1], args[args.index("--stage-result") + 1]
 if stage == "smoke":
-    sys.exit("smoke broke here")
+    import hydra_is_not_installed_here as hydra
 if stage == "table5":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     open(sys.argv[1], "w").write(str(child.pid))
@@ -159,7 +159,10 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
     report = json.loads((tmp_path / "report.json").read_text())
     assert [stage["status"] for stage in report["stages"]] == list(statuses.values())
     markdown = (tmp_path / "report.md").read_text()
-    assert "**1 of 5 stages passed.**" in markdown and "smoke broke here" in markdown
+    assert "**1 of 5 stages passed.**" in markdown
+    (smoke,) = [outcome for outcome in outcomes if outcome["name"] == "smoke"]
+    assert smoke["problems"] == [f"cannot import hydra_is_not_installed_here: {check_runner.INSTALL_HINT}"]
+    assert "ModuleNotFoundError" in smoke["error"] and "ModuleNotFoundError" in markdown
     assert "| table5 | timed out |" in markdown and "left of --minutes 0.15" in markdown
 
 

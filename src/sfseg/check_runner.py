@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -54,8 +55,9 @@ STACK = {
     "scipy": "scipy",
     "matplotlib": "matplotlib",
 }
-INSTALL_HINT = "install them from a wheelhouse: docs/gpu.md, 'Clusters without internet'"
-# The controlled experiment's toy regime (as tests/test_mechanism.py runs it end to end).
+MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+INSTALL_HINT = "install from a wheelhouse: docs/gpu.md, 'Clusters without internet'"
+# The controlled experiment's toy regime (tests/test_mechanism.py runs it end to end too).
 TINY_MECHANISM = (
     "data.size=64",
     "data.region_size=32",
@@ -262,9 +264,11 @@ def run_stage(name: str, command: list[str], limit_s: float, out: Path) -> dict[
             "error": log_tail(log_path),
         }
     elif returncode != 0 or not result_path.is_file():
+        missing = MISSING_MODULE.findall(log_path.read_text(errors="replace"))
+        problem = f"cannot import {missing[-1]}: {INSTALL_HINT}" if missing else f"exit status {returncode}"
         outcome |= {
             "status": "failed",
-            "problems": [f"exit status {returncode}"],
+            "problems": [problem],
             "error": log_tail(log_path),
         }
     else:
