@@ -258,7 +258,7 @@ def test_a_colour_of_no_class_names_the_file_the_colour_and_its_pixels(tmp_path:
     write_label(label, rgb)
     message = (
         rf"label colours \(9, 9, 9\) \(5 px\), \(254, 0, 0\) \(2 px\) in {label} stand for no class and are not "
-        r"ignored; allowed raw colours: the 3 class colours of the palette; ignored: \(0, 0, 0\) "
+        r"ignored; allowed colours: the 3 class colours of the palette; ignored: \(0, 0, 0\) "
         r"\(classes: data.classes=.*classes.yaml; ignored: data.ignore_values\)"
     )
     with pytest.raises(ValueError, match=message):

@@ -195,10 +195,10 @@ class Layout:
 
     def invalid_values_error(self, raw: np.ndarray, invalid: np.ndarray, path: Path) -> ValueError:
         """The error for a label file with raw values (or colours) that stand for no class."""
-        kind = "colours" if self.label_colours else "values"
+        kind, allowed = ("colours", "colours") if self.label_colours else ("values", "raw values")
         return ValueError(
             f"label {kind} {count_values(raw[invalid])} in {path} stand for no class and are not ignored; "
-            f"allowed raw {kind}: {self.describe_raw_values()}"
+            f"allowed {allowed}: {self.describe_raw_values()}"
         )
 
     def expected(self, root: Path) -> str:
