@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -22,9 +21,7 @@ from sfseg.data.classes import generated_palette, read_classes
 from sfseg.data.datasets import read_colour_label, read_label
 from sfseg.data.folder import FolderDataModule
 from sfseg.data.real import DatasetProblems
-from sfseg.data.validate import main as validate_main
 from sfseg.inference import load
-from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX
 from sfseg.visualize import mask_image
 from tests.conftest import compose_config
@@ -41,6 +38,8 @@ from tests.fixtures import (
     write_image,
     write_label,
 )
+from tests.test_datasets import run_validate
+from tests.test_predict import untrained_checkpoint
 from tests.test_reproducibility import ENV
 
 SMALL = ["data.crop_size=64", "data.batch_size=2", "data.num_workers=0"]
@@ -292,13 +291,6 @@ def test_a_missing_folder_names_its_key(tmp_path: Path, run_dir: Path):
     assert "images/{split}/<id>.png  <- data.image_dir" in str(error.value)
 
 
-def run_validate(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    GlobalHydra.instance().clear()
-    code = validate_main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_validate_lists_every_bad_file_of_a_split(tmp_path: Path, capsys: pytest.CaptureFixture):
     root = make_folder_colours(tmp_path)
     args = [*FOLDER_COLOUR_OVERRIDES, f"data.root={root}", "--workers", "2"]
@@ -334,37 +326,19 @@ def test_validate_reports_an_empty_split_and_a_bad_config(tmp_path: Path, capsys
 
 
 @pytest.mark.parametrize(
-    ("label_values", "mode", "expected"),
-    [
-        ([1, 2, 3], "P", [1, 2, 3]),
-        ([0, 1000, 40000], "I;16", [0, 1000, 40000]),
-        ([[255, 0, 0], [0, 255, 0], [0, 0, 255]], "RGB", [[255, 0, 0], [0, 255, 0], [0, 0, 255]]),
-    ],
+    ("label_values", "mode"),
+    [([1, 2, 3], "P"), ([0, 1000, 40000], "I;16"), ([[255, 0, 0], [0, 255, 0], [0, 0, 255]], "RGB")],
 )
-def test_a_checkpoint_keeps_names_palette_and_label_values(label_values, mode: str, expected, tmp_path: Path):
-    module = SpecializeAndFuseModule(
-        num_classes=3,
-        backbone={"name": "hrnet_w18_small", "pretrained": False},
-        context={"name": "none"},
-        relabel={"policy": "true_positive"},
-        levels=2,
-        unity_channels=8,
-        semantic_channels=16,
-        class_names=["cell", "nucleus", "background"],
-        palette=PALETTE,
-        label_values=label_values,
-    )
-    path = tmp_path / "model.ckpt"
-    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
+def test_a_checkpoint_keeps_names_palette_and_label_values(label_values: list, mode: str, tmp_path: Path):
+    names = list(FOLDER_COLOUR_CLASSES)
+    path = untrained_checkpoint(tmp_path / "model.ckpt", names, palette=PALETTE, label_values=label_values)
     predictor = load(path, device="cpu")
-    assert predictor.class_names == ["cell", "nucleus", "background"] and predictor.palette == [
-        tuple(c) for c in PALETTE
-    ]
+    assert predictor.class_names == names and predictor.palette == [tuple(colour) for colour in PALETTE]
+    # ids=raw masks hold the dataset's own values: 8-bit ids, 16-bit ids, or the label colours.
     mask = np.array([[0, 1], [2, 2]])
     image = mask_image(mask, predictor.label_ids("raw"), predictor.palette)
-    expected = np.asarray(expected)
     assert image.mode == mode
-    np.testing.assert_array_equal(np.asarray(image), expected[mask])
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(label_values)[mask])
 
 
 # --- the command lines ---------------------------------------------------------------------------------------

@@ -88,16 +88,15 @@ class FileDataModule(SegmentationDataModule):
     def label_values(self) -> list[int] | list[list[int]]:
         return self.layout.label_values()
 
-    def split_name(self, part: str) -> str:
-        """The config key and value that pick the split of `part` ("train", "val")."""
-        if self.subsample is not None:
-            return f"data.subsample.source_split={self.subsample['source_split']}"
-        return f"data.{part}_split={self.train_split if part == 'train' else self.val_split}"
-
     def empty_split(self, part: str) -> str:
+        """The problem of a part ("train", "val") without pairs, naming the key that picks its split."""
+        if self.subsample is not None:
+            key = f"data.subsample.source_split={self.subsample['source_split']}"
+        else:
+            key = f"data.{part}_split={self.train_split if part == 'train' else self.val_split}"
         return (
-            f"{self.layout.name}: the {part} split ({self.split_name(part)}) under data.root={self.root} has "
-            f"no image/label pair\n{self.layout.expected(self.root)}"
+            f"{self.layout.name}: the {part} split ({key}) under data.root={self.root} has no image/label "
+            f"pair\n{self.layout.expected(self.root)}"
         )
 
     def scan(self, parts: Sequence[str] = ("train", "val")) -> dict[str, Scan]:

@@ -166,13 +166,15 @@ class Predictor:
         if self.label_values is not None:
             values = np.asarray(self.label_values)
             return values.astype(np.uint8 if values.ndim == 2 or values.max() < 256 else np.uint16)
-        # A checkpoint written before label values were recorded: its training data's layout.
+        # No label values recorded (synthetic scenes, or a checkpoint older than the record): the layout
+        # of its training data, if any.
         target = self.data_config.data.get("_target_") if self.data_config is not None else None
         layout = training_layout(target, self.class_names)
         if layout is None:
             raise ValueError(
                 f"{key}=raw: the checkpoint was not trained on a dataset with its own label ids (ADE20K, "
-                f"COCO-Stuff, Pascal-Context); its class ids 0..{self.num_classes - 1} are the only ids: use {key}=class"
+                f"COCO-Stuff, Pascal-Context, Cityscapes, data=folder); its class ids 0..{self.num_classes - 1} "
+                f"are the only ids: use {key}=class"
             )
         return layout.raw_ids()
 
