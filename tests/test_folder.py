@@ -405,3 +405,24 @@ def test_train_eval_predict_validate_browse_on_a_folder(tmp_path: Path):
     assert "4 images; most frequent classes" in browsed.stdout
     with (tmp_path / "browse" / "class_frequency.csv").open() as handle:
         assert [row["class"] for row in csv.DictReader(handle)] == list(FOLDER_IDS_CLASSES)
+
+
+@pytest.mark.slow
+def test_trains_on_colour_labels_and_records_them(tmp_path: Path, run_dir: Path):
+    from sfseg.train import build
+
+    overrides = [
+        *FOLDER_COLOUR_OVERRIDES,
+        f"data.root={make_folder_colours(tmp_path)}",
+        *SMALL,
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "model.semantic_channels=32",
+        "model.unity_channels=16",
+    ]
+    datamodule, model, trainer = build(compose_config(overrides, run_dir))
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 2 and 0.0 <= model.last_val_scores["mIoU"] <= 1.0
+    assert model.class_names == list(FOLDER_COLOUR_CLASSES)
+    assert (model.hparams.palette, model.hparams.label_values) == ([list(c) for c in PALETTE],) * 2
