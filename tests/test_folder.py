@@ -1,6 +1,7 @@
 """data=folder: a user's own image/label folder by configuration only, in two layouts (raw ids with
 reduce_zero_label and list files; colour labels with a _gt.png suffix and a YAML palette), 16-bit ids,
-the classes file, every bad input named, `validate`, and the whole way through the command lines."""
+the classes file, every bad input named, `validate` and `browse`, and train/eval/predict through the
+command lines."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 from hydra.utils import instantiate
 from PIL import Image
 
+from sfseg.data.browse import browse
 from sfseg.data.classes import generated_palette, read_classes
 from sfseg.data.datasets import read_colour_label, read_label
 from sfseg.data.folder import FolderDataModule
@@ -322,6 +324,18 @@ def test_validate_reports_an_empty_split_and_a_bad_config(tmp_path: Path, capsys
     assert code == 1 and "error: data.label_format=colors needs each class's colour" in err
 
 
+def test_validate_and_browse_read_the_folder(tmp_path: Path, run_dir: Path, capsys: pytest.CaptureFixture):
+    root = make_folder_ids(tmp_path)
+    data = [*FOLDER_IDS_OVERRIDES, f"data.root={root}", *SMALL]
+    assert run_validate(data, capsys)[:2] == (0, f"ok: folder at {root}: train 4 pairs, val 2 pairs\n")
+    out = tmp_path / "browse"
+    browse(compose_config([*data, "n=1", f"out={out}"], run_dir, "browse"))
+    assert "4 images; most frequent classes" in capsys.readouterr().out
+    with (out / "class_frequency.csv").open() as handle:
+        assert [row["class"] for row in csv.DictReader(handle)] == list(FOLDER_IDS_CLASSES)
+    assert (out / "samples" / "sample_00.png").is_file()
+
+
 # --- checkpoints and masks in the dataset's own values -----------------------------------------------------
 
 
@@ -353,7 +367,7 @@ def sfseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_train_eval_predict_validate_browse_on_a_folder(tmp_path: Path):
+def test_train_eval_predict_on_a_folder(tmp_path: Path):
     root = make_folder_ids(tmp_path)
     data = [*FOLDER_IDS_OVERRIDES, f"data.root={root}", *SMALL]
     run = tmp_path / "run"
@@ -397,14 +411,6 @@ def test_train_eval_predict_validate_browse_on_a_folder(tmp_path: Path):
     classes = predictor.predict(np.asarray(Image.open(image).convert("RGB"))).mask
     np.testing.assert_array_equal(raw, classes + 1)  # reduce_zero_label: class k is raw k + 1
     assert palette[1:5].tolist() == [list(colour) for colour in generated_palette(4)]
-
-    (root / "classes.txt").write_text("".join(f"{name}\n" for name in FOLDER_IDS_CLASSES))
-    checked = sfseg("sfseg.data.validate", *data, cwd=tmp_path)
-    assert f"ok: folder at {root}: train 4 pairs, val 2 pairs" in checked.stdout
-    browsed = sfseg("sfseg.data.browse", *data, "n=1", f"out={tmp_path / 'browse'}", cwd=tmp_path)
-    assert "4 images; most frequent classes" in browsed.stdout
-    with (tmp_path / "browse" / "class_frequency.csv").open() as handle:
-        assert [row["class"] for row in csv.DictReader(handle)] == list(FOLDER_IDS_CLASSES)
 
 
 @pytest.mark.slow
