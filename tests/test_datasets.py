@@ -18,6 +18,7 @@ from PIL import Image
 from sfseg.data import real
 from sfseg.data.datasets import CITYSCAPES_LABEL_IDS, INVALID, LAYOUTS, LayoutError, read_label
 from sfseg.data.validate import main as validate_main
+from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX
 from tests.conftest import compose_config
 from tests.fixtures import HEIGHT, WIDTH, build, make_ade20k, write_image, write_label
@@ -483,29 +484,35 @@ def test_cityscapes_experiment_follows_hrnets_protocol(experiment: str, run_dir:
 
 # --- end to end ---------------------------------------------------------------------------------------------
 
+# Two CPU training steps on a fixture tree of 4 training images at batch 2: one epoch, then validation.
+TWO_STEPS = [
+    "trainer=cpu",
+    "trainer.max_steps=2",
+    "trainer.enable_progress_bar=false",
+    "data.crop_size=64",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "model/backbone=hrnet_w18_small",
+    "model.backbone.pretrained=false",
+    "model.semantic_channels=32",
+    "model.unity_channels=16",
+]
+
+
+def train_two_steps(data_overrides: list[str], run_dir: Path) -> SpecializeAndFuseModule:
+    """The trained module of `python -m sfseg.train <data_overrides> <TWO_STEPS>`, run in this process."""
+    from sfseg.train import build as build_run
+
+    datamodule_, model, trainer = build_run(compose_config([*data_overrides, *TWO_STEPS], run_dir))
+    trainer.fit(model, datamodule=datamodule_)
+    assert trainer.global_step == 2
+    return model
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DATAMODULES)
 def test_trains_a_few_steps_through_the_hydra_config(name: str, tmp_path: Path, run_dir: Path):
-    from sfseg.train import build as build_run
-
-    overrides = [
-        f"data={name}",
-        f"data.root={build(name, tmp_path)}",
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "data.crop_size=64",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "model/backbone=hrnet_w18_small",
-        "model.backbone.pretrained=false",
-        "model.semantic_channels=32",
-        "model.unity_channels=16",
-    ]
-    datamodule_, model, trainer = build_run(compose_config(overrides, run_dir))
-    trainer.fit(model, datamodule=datamodule_)
-    assert trainer.global_step == 2
+    model = train_two_steps([f"data={name}", f"data.root={build(name, tmp_path)}"], run_dir)
     assert model.hparams.num_classes == NUM_CLASSES[name] and model.class_names == list(LAYOUTS[name].classes)
     # 4 training images at batch 2: the epoch ends at step 2 and validates on the full padded images.
     assert 0.0 <= model.last_val_scores["mIoU"] <= 1.0

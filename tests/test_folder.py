@@ -40,7 +40,7 @@ from tests.fixtures import (
     write_image,
     write_label,
 )
-from tests.test_datasets import run_validate
+from tests.test_datasets import TWO_STEPS, run_validate, train_two_steps
 from tests.test_predict import untrained_checkpoint
 from tests.test_reproducibility import ENV
 
@@ -369,25 +369,14 @@ def sfseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_train_eval_predict_on_a_folder(tmp_path: Path):
     root = make_folder_ids(tmp_path)
-    data = [*FOLDER_IDS_OVERRIDES, f"data.root={root}", *SMALL]
+    data = [*FOLDER_IDS_OVERRIDES, f"data.root={root}"]
     run = tmp_path / "run"
-    sfseg(
-        "sfseg.train",
-        *data,
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "model.semantic_channels=32",
-        "model.unity_channels=16",
-        "num_pyramid_images=1",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
+    sfseg("sfseg.train", *data, *TWO_STEPS, "num_pyramid_images=1", f"hydra.run.dir={run}", cwd=tmp_path)
     trained = json.loads((run / "metrics.json").read_text())
     assert list(trained["per_class_iou"]) == list(FOLDER_IDS_CLASSES)
 
     ckpt = run / "checkpoints" / "last.ckpt"
-    evaluated = sfseg("sfseg.eval", f"ckpt_path={ckpt}", *data, cwd=tmp_path)
+    evaluated = sfseg("sfseg.eval", f"ckpt_path={ckpt}", *data, "data.num_workers=0", cwd=tmp_path)
     with (run / "eval" / "per_class.csv").open() as handle:
         assert [row["class"] for row in csv.DictReader(handle)] == list(FOLDER_IDS_CLASSES)
     assert all(name in evaluated.stdout for name in FOLDER_IDS_CLASSES)
@@ -415,20 +404,7 @@ def test_train_eval_predict_on_a_folder(tmp_path: Path):
 
 @pytest.mark.slow
 def test_trains_on_colour_labels_and_records_them(tmp_path: Path, run_dir: Path):
-    from sfseg.train import build
-
-    overrides = [
-        *FOLDER_COLOUR_OVERRIDES,
-        f"data.root={make_folder_colours(tmp_path)}",
-        *SMALL,
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "model.semantic_channels=32",
-        "model.unity_channels=16",
-    ]
-    datamodule, model, trainer = build(compose_config(overrides, run_dir))
-    trainer.fit(model, datamodule=datamodule)
-    assert trainer.global_step == 2 and 0.0 <= model.last_val_scores["mIoU"] <= 1.0
+    model = train_two_steps([*FOLDER_COLOUR_OVERRIDES, f"data.root={make_folder_colours(tmp_path)}"], run_dir)
+    assert 0.0 <= model.last_val_scores["mIoU"] <= 1.0
     assert model.class_names == list(FOLDER_COLOUR_CLASSES)
     assert (model.hparams.palette, model.hparams.label_values) == ([list(c) for c in PALETTE],) * 2
