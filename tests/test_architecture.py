@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "sfseg.data.validate",
     "sfseg.data.browse",
     "sfseg.gpu_check",
+    "sfseg.wheelhouse",
 }
 # Library layers, upper to lower: a module may import its own layer and the layers below it.
 LIBRARY_LAYERS = (
