@@ -22,10 +22,21 @@ ENTRY_POINTS = {
     "sfseg.data.prepare",
     "sfseg.data.validate",
     "sfseg.data.browse",
+    "sfseg.gpu_check",
+    "sfseg.wheelhouse",
 }
 # Library layers, upper to lower: a module may import its own layer and the layers below it.
 LIBRARY_LAYERS = (
-    ("sfseg.inference", "sfseg.module", "sfseg.runs", "sfseg.callbacks", "sfseg.sweeps"),
+    (
+        "sfseg.inference",
+        "sfseg.module",
+        "sfseg.runs",
+        "sfseg.callbacks",
+        "sfseg.sweeps",
+        "sfseg.check_runner",
+        "sfseg.check_stages",
+        "sfseg.check_report",
+    ),
     ("sfseg.models", "sfseg.data", "sfseg.metrics", "sfseg.analysis", "sfseg.visualize"),
     ("sfseg.pyramid", "sfseg"),  # `sfseg` itself holds only CONFIG_DIR
 )

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy import ndimage
 
+from sfseg import check_runner
 from sfseg.ablation import MECHANISM_REGIME, PRESETS, cue_note, sweep_command
 from sfseg.data.synthetic_context import (
     CONTEXT_CLASSES,
@@ -403,20 +404,8 @@ def exclude_keys(command: list[str]) -> list[str]:
 
 # --- end to end --------------------------------------------------------------------------------------------
 
-TINY_MECHANISM = [
-    "data.size=64",
-    "data.region_size=32",
-    "data.marker_spacing=16",
-    "data.train_samples=8",
-    "data.val_samples=4",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "data.num_workers=0",
-    "model.semantic_channels=16",
-    "model.unity_channels=8",
-    "trainer.enable_progress_bar=false",
-    "num_pyramid_images=0",
-]
+# The toy regime that `python -m sfseg.gpu_check --tiny` runs the mechanism stage in, with no loader worker.
+TINY_MECHANISM = [*check_runner.TINY_MECHANISM, "data.num_workers=0", "trainer.enable_progress_bar=false"]
 
 
 def run_ablation(cwd: Path, *args: str) -> None:
