@@ -40,9 +40,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_net(context: str, levels: int) -> PyramidSegmenter:
-    net = PyramidSegmenter(SMALL, 5, levels, context, unity_channels=8, semantic_channels=16)
-    # Random batch-norm statistics, so that the sparse path's eval-mode BN is really exercised.
+def tiny_net(context: str, levels: int, backbone: str = SMALL) -> PyramidSegmenter:
+    return random_batch_norm_statistics(
+        PyramidSegmenter(backbone, 5, levels, context, unity_channels=8, semantic_channels=16)
+    )
+
+
+def random_batch_norm_statistics(net: PyramidSegmenter) -> PyramidSegmenter:
+    """The net in eval mode with random batch-norm statistics, so that the sparse path's eval-mode BN
+    is really exercised."""
     for module in net.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -66,10 +72,15 @@ def assert_same_fuse(dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor]
 BATCH_SHARES = (0.0, 0.4, 1.0)
 
 
+# A timm ViT through the simple feature pyramid and the fusion decoder (model/backbone=timm), besides HRNet.
+VIT = "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("backbone", [SMALL, VIT])
 @pytest.mark.parametrize("levels", [1, 2, 4])
 @pytest.mark.parametrize("context", sorted(CONTEXT_MODULES))
-def test_sparse_fuses_to_the_dense_output(context: str, levels: int) -> None:
-    net = tiny_net(context, levels)
+def test_sparse_fuses_to_the_dense_output(context: str, levels: int, backbone: str) -> None:
+    net = tiny_net(context, levels, backbone)
     images = torch.randn(len(BATCH_SHARES), 3, 128, 96)
     shares = [even_level_shares(share, levels) for share in BATCH_SHARES]
     unity = unity_logits_for_shares(shares, finest_size=(32, 24))
