@@ -86,10 +86,6 @@ class FusedStages(Backbone):
 
     def __init__(self, body: nn.Module, channels: Sequence[int], strides: Sequence[int]) -> None:
         super().__init__(body)
-        if tuple(strides) != PYRAMID_STRIDES:
-            raise ValueError(
-                f"the fusion decoder takes maps at strides {PYRAMID_STRIDES}, got {tuple(strides)}"
-            )
         reduced = [HRNET48_WIDTH_PER_STRIDE * stride for stride in strides]
         self.out_channels = sum(reduced)
         self.size_divisor = math.lcm(*strides)
@@ -111,7 +107,7 @@ class FusedStages(Backbone):
 
 class TimmStages(FusedStages):
     """A hierarchical timm encoder through the fusion decoder: ResNet-101 (256..2048 channels), or any of
-    ConvNeXt, EfficientNet, RegNet, MobileNetV3, ResNe(X)t, Swin, ... (`pyramid_indices` picks its
+    ConvNeXt, EfficientNet, RegNet, MobileNetV3, ResNe(X)t, Swin, ... (`timm_pyramid` picks its
     features at strides 4, 8, 16, 32). Maps come in NCHW or, as Swin's, NHWC."""
 
     def __init__(self, body: nn.Module) -> None:
