@@ -31,13 +31,7 @@ TAU = 0.9
 BASE_LAYOUT = Path(__file__).parent / "data" / "head_layout_92ac1e0.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(context: str, levels: int, backbone: str = SMALL) -> PyramidSegmenter:

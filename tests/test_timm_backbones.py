@@ -44,13 +44,7 @@ PLAIN_VITS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
 TIMM = ["model/backbone=timm"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", HIERARCHICAL + PLAIN_VITS)
