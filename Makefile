@@ -31,7 +31,7 @@ bench: $(INSTALLED)
 ablation-quick: $(INSTALLED)
 	$(PY) -m sfseg.ablation $(ARGS)
 
-# The controlled experiment of the paper's claim (<= 45 min on a 2-core CPU): see README, "Checking the paper's claim".
+# The controlled experiment of the paper's claim (<= 45 min on a 2-core CPU): see docs/mechanism.md.
 mechanism: $(INSTALLED)
 	$(PY) -m sfseg.ablation --preset mechanism $(ARGS)
 

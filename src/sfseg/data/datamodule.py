@@ -23,6 +23,9 @@ class SegmentationDataModule(L.LightningDataModule):
 
     classes: Sequence[str] = ()
     palette: Sequence[tuple[int, int, int]] = ()
+    # Per class, what the dataset's own label files hold for it (a raw id or an [r, g, b] colour); None
+    # when the class ids are the only ids (synthetic scenes). Checkpoints keep it for `predict ids=raw`.
+    label_values: Sequence[int] | Sequence[Sequence[int]] | None = None
 
     def __init__(
         self,
