@@ -43,23 +43,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
+def quick_run(out: Path, *args: str) -> None:
+    """A --quick run writing to `out`, on one thread: on a small shared CPU box two OpenMP threads stall
+    behind other load."""
+    main(["--quick", "--threads", "1", "--out", str(out), *args])
+
+
 @pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_run: Path) -> None:
-    # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(
-        [
-            "--quick",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--profile",
-            "--ckpt",
-            str(trained_run / "checkpoints" / "last.ckpt"),
-            "--variants",
-            ",".join(QUICK_VARIANTS),
-        ]
-    )
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    quick_run(tmp_path, "--profile", "--ckpt", checkpoint, "--variants", ",".join(QUICK_VARIANTS))
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
@@ -165,17 +158,7 @@ def test_bench_refuses_unknown_variants(value: str, capsys: pytest.CaptureFixtur
 
 @pytest.mark.slow
 def test_backbones_table_measures_each_backbone_next_to_the_reference(tmp_path, restore_threads) -> None:
-    main(
-        [
-            "--quick",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--backbones",
-            "convnext_atto,vit_tiny_patch16_224",
-        ]
-    )
+    quick_run(tmp_path, "--backbones", "convnext_atto,vit_tiny_patch16_224")
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "backbones"}  # the Backbones table instead of Table 5
