@@ -19,9 +19,11 @@ from sfseg.bench import (
     checkpoint_level_shares,
     main,
     model_cases,
+    parse_backbones,
     parse_variants,
     table5_rows,
 )
+from sfseg.models import PyramidSegmenter
 from tests.test_eval import train_tiny_checkpoint
 
 # ratio key -> the value it divides by FCN's
@@ -45,23 +47,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
+def quick_run(out: Path, *args: str) -> None:
+    """A --quick run writing to `out`, on one thread: on a small shared CPU box two OpenMP threads stall
+    behind other load."""
+    main(["--quick", "--threads", "1", "--out", str(out), *args])
+
+
 @pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_run: Path) -> None:
-    # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(
-        [
-            "--quick",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--profile",
-            "--ckpt",
-            str(trained_run / "checkpoints" / "last.ckpt"),
-            "--variants",
-            ",".join(QUICK_VARIANTS),
-        ]
-    )
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    quick_run(tmp_path, "--profile", "--ckpt", checkpoint, "--variants", ",".join(QUICK_VARIANTS))
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
@@ -197,3 +192,47 @@ def test_bench_refuses_unknown_variants(value: str, capsys: pytest.CaptureFixtur
     assert "allowed: " + ", ".join(MODEL_VARIANTS) in error
     if value != ",":
         assert "unknown hrnet_ocr" in error
+
+
+@pytest.mark.slow
+def test_backbones_table_measures_each_backbone_next_to_the_reference(tmp_path, restore_threads) -> None:
+    quick_run(tmp_path, "--backbones", "convnext_atto,vit_tiny_patch16_224")
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"meta", "backbones"}  # the Backbones table instead of Table 5
+    table = results["backbones"]
+    assert table["reference"] == QUICK.backbone and table["variant"] == "sf_c2f"
+    rows = {row["backbone"]: row for row in table["rows"]}
+    assert list(rows) == [QUICK.backbone, "convnext_atto", "vit_tiny_patch16_224"]
+    assert [row["adapter"] for row in rows.values()] == ["HRNetV2", "TimmStages", "TimmViT"]
+    for name, row in rows.items():
+        # The S&F model the table names: its parameters, the backbone's and the timm encoder's.
+        model = PyramidSegmenter(name, QUICK.num_classes, QUICK.num_levels, context="c2f")
+        for key, module in (("params_m", model), ("backbone_params_m", model.backbone)):
+            assert row[key] == pytest.approx(sum(p.numel() for p in module.parameters()) / 1e6)
+        assert row["backbone_params_m"] < row["params_m"] and 0 < row["backbone_gmacs"] < row["gmacs"]
+        # The fusion decoder (and the ViT's neck) adds to the timm encoder; HRNetV2's concatenation does not.
+        added = (
+            row["backbone_params_m"] - row["encoder_params_m"],
+            row["backbone_gmacs"] - row["encoder_gmacs"],
+        )
+        if name == QUICK.backbone:
+            assert added == (0, pytest.approx(0, abs=1e-6))
+        else:
+            assert min(added) > 0
+        assert row["train_step_ratio"] == pytest.approx(
+            row["train_step_ms"] / rows[QUICK.backbone]["train_step_ms"]
+        )
+    assert rows[QUICK.backbone]["train_step_ratio"] == 1.0
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Backbones: S&F (c2f, L=4, 150 classes)" in markdown and "| vs hrnet_w18_small |" in markdown
+    for name, row in rows.items():
+        assert f"| {name} | {row['adapter']} | 32 |" in markdown
+
+
+def test_backbones_are_a_comma_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_backbones("convnext_atto, resnet18,convnext_atto") == ("convnext_atto", "resnet18")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--backbones", " , "])
+    assert exit_info.value.code == 2 and "--backbones ' , ': give a comma list" in capsys.readouterr().err

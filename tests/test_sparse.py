@@ -31,18 +31,18 @@ TAU = 0.9
 BASE_LAYOUT = Path(__file__).parent / "data" / "head_layout_92ac1e0.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_net(context: str, levels: int) -> PyramidSegmenter:
-    net = PyramidSegmenter(SMALL, 5, levels, context, unity_channels=8, semantic_channels=16)
-    # Random batch-norm statistics, so that the sparse path's eval-mode BN is really exercised.
+def tiny_net(context: str, levels: int, backbone: str = SMALL) -> PyramidSegmenter:
+    return random_batch_norm_statistics(
+        PyramidSegmenter(backbone, 5, levels, context, unity_channels=8, semantic_channels=16)
+    )
+
+
+def random_batch_norm_statistics(net: PyramidSegmenter) -> PyramidSegmenter:
+    """The net in eval mode with random batch-norm statistics, so that the sparse path's eval-mode BN
+    is really exercised."""
     for module in net.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -75,10 +75,15 @@ def test_fuse_agreement_catches_each_kind_of_difference() -> None:
 BATCH_SHARES = (0.0, 0.4, 1.0)
 
 
+# A timm ViT through the simple feature pyramid and the fusion decoder (model/backbone=timm), besides HRNet.
+VIT = "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("backbone", [SMALL, VIT])
 @pytest.mark.parametrize("levels", [1, 2, 4])
 @pytest.mark.parametrize("context", sorted(CONTEXT_MODULES))
-def test_sparse_fuses_to_the_dense_output(context: str, levels: int) -> None:
-    net = tiny_net(context, levels)
+def test_sparse_fuses_to_the_dense_output(context: str, levels: int, backbone: str) -> None:
+    net = tiny_net(context, levels, backbone)
     images = torch.randn(len(BATCH_SHARES), 3, 128, 96)
     shares = [even_level_shares(share, levels) for share in BATCH_SHARES]
     unity = unity_logits_for_shares(shares, finest_size=(32, 24))
