@@ -20,7 +20,15 @@ from sfseg.models import PyramidSegmenter, create_backbone
 from sfseg.models.backbones import TimmStages, TimmViT
 from sfseg.pyramid import build_targets, pyramid_loss
 from tests.conftest import TINY, compose_config
-from tests.test_export import AS_EXPORTED, SWEEP_TAU, as_input, export, images, predicted
+from tests.test_export import (
+    AS_EXPORTED,
+    SWEEP_TAU,
+    as_input,
+    assert_torchscript_gives_the_predictors_output,
+    export,
+    images,
+    predicted,
+)
 from tests.test_sparse import BATCH_SHARES, TAU, assert_same_fuse, random_batch_norm_statistics
 from tests.test_train import run_train
 
@@ -190,14 +198,7 @@ def check_swin_exports(checkpoint: Path, predictor: Predictor, tmp_path: Path) -
     path, _ = export(checkpoint, tmp_path, "size=[64,64]", f"tau={SWEEP_TAU}")
     assert_onnx_gives_the_predictors_output(path, predictor, [(1, 64, 64)])
     path, _ = export(checkpoint, tmp_path, "format=torchscript", "size=64", f"tau={SWEEP_TAU}")
-    module = torch.jit.load(str(path))
-    for seed, (batch, height, width) in enumerate([(1, 64, 64), (2, 96, 128)]):
-        rgb = images(batch, height, width, seed)
-        with torch.no_grad():
-            mask, level_map = module(torch.from_numpy(as_input(rgb)))
-        expected_mask, expected_levels = predicted(predictor, rgb)
-        np.testing.assert_array_equal(level_map.numpy(), expected_levels)
-        np.testing.assert_array_equal(mask.numpy(), expected_mask)
+    assert_torchscript_gives_the_predictors_output(path, predictor, [(1, 64, 64), (2, 96, 128)])
 
 
 @pytest.mark.slow
