@@ -17,6 +17,7 @@ from PIL import Image
 
 from sfseg.data import real
 from sfseg.data.datasets import CITYSCAPES_LABEL_IDS, INVALID, LAYOUTS, LayoutError, read_label
+from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sfseg.data.validate import main as validate_main
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX
@@ -516,3 +517,62 @@ def test_trains_a_few_steps_through_the_hydra_config(name: str, tmp_path: Path, 
     assert model.hparams.num_classes == NUM_CLASSES[name] and model.class_names == list(LAYOUTS[name].classes)
     # 4 training images at batch 2: the epoch ends at step 2 and validates on the full padded images.
     assert 0.0 <= model.last_val_scores["mIoU"] <= 1.0
+
+
+# --- sizes: training crops and validation images fit the network, not only the pyramid -----------------
+
+# (overrides, L, the network's size divisor, the padded width of the 64x80 validation images)
+NETWORK_DIVISORS = {
+    "hrnet_L1": (["model/backbone=hrnet_w18_small"], 1, 32, 96),
+    "hrnet_L2": (["model/backbone=hrnet_w18_small"], 2, 32, 96),
+    # a patch-16 ViT: lcm(16, 32) = 32 at every L
+    "vit_L2": (["model/backbone=timm", "model.backbone.name=vit_tiny_patch16_224"], 2, 32, 96),
+    # the bounded-receptive-field backbone needs only the finest stride: the pyramid's 4 decides at L=1
+    "local_L1": (["model/backbone=local"], 1, 4, 80),
+}
+
+
+@pytest.mark.parametrize("case", NETWORK_DIVISORS)
+def test_validation_images_are_padded_to_the_networks_divisor(case: str, tmp_path: Path, run_dir: Path):
+    from sfseg.train import build as build_run
+
+    backbone, levels, divisor, width = NETWORK_DIVISORS[case]
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", f"model.levels={levels}"]
+    datamodule_, model, _ = build_run(compose_config([*overrides, *TWO_STEPS, *backbone], run_dir))
+    assert datamodule_.size_divisor == model.net.size_divisor == divisor
+    datamodule_.setup("fit")
+    val = datamodule_.val_set[0]
+    assert val["image"].shape == (3, HEIGHT, width) and val["label"].shape == (HEIGHT, width)
+    assert (val["label"][:, WIDTH:] == IGNORE_INDEX).all()
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)  # pixel value 0, normalised
+    torch.testing.assert_close(
+        val["image"][:, :, WIDTH:], black[:, None, None].expand(3, HEIGHT, width - WIDTH)
+    )
+
+
+def test_crop_size_must_fit_the_networks_divisor(tmp_path: Path, run_dir: Path):
+    from sfseg.train import build as build_run
+
+    # 48 is a multiple of L=1's coarsest stride 4, not of HRNet's 32.
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", "model.levels=1", *TWO_STEPS]
+    datamodule_, _, _ = build_run(compose_config([*overrides, "data.crop_size=48"], run_dir))
+    with pytest.raises(
+        ValueError, match=r"data.crop_size=\[48, 48\] must be divisible by the model's size divisor 32"
+    ):
+        datamodule_.setup("fit")
+
+
+def test_a_network_divisor_the_pyramid_cannot_use_is_refused(tmp_path: Path):
+    module = real.ADE20KDataModule(root=str(build("ade20k", tmp_path)), crop_size=64, num_levels=4)
+    with pytest.raises(ValueError, match=r"size divisor 16 is not a multiple of the coarsest stride 32"):
+        module.match_network(16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hrnet_L1", "hrnet_L2", "vit_L2"])
+def test_trains_and_validates_on_a_real_dataset_at_few_levels(case: str, tmp_path: Path, run_dir: Path):
+    backbone, levels, _, _ = NETWORK_DIVISORS[case]
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", f"model.levels={levels}", *backbone]
+    model = train_two_steps(overrides, run_dir)
+    # The epoch's validation ran on the whole 64x80 images, padded to 64x96 for the network.
+    assert model.levels == levels and 0.0 <= model.last_val_scores["mIoU"] <= 1.0

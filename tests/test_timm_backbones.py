@@ -14,13 +14,21 @@ import timm
 import torch
 from hydra.utils import instantiate
 
-from sfseg.inference import image_logits, load
+from sfseg.inference import Predictor, export_model, image_logits, load
 from sfseg.inference.sparse import even_level_shares, forced_unity, unity_logits_for_shares
 from sfseg.models import PyramidSegmenter, create_backbone
 from sfseg.models.backbones import TimmStages, TimmViT
 from sfseg.pyramid import build_targets, pyramid_loss
 from tests.conftest import TINY, compose_config
-from tests.test_export import AS_EXPORTED, SWEEP_TAU, as_input, export, images, predicted
+from tests.test_export import (
+    AS_EXPORTED,
+    SWEEP_TAU,
+    as_input,
+    assert_torchscript_gives_the_predictors_output,
+    export,
+    images,
+    predicted,
+)
 from tests.test_sparse import BATCH_SHARES, TAU, assert_same_fuse, random_batch_norm_statistics
 from tests.test_train import run_train
 
@@ -41,6 +49,7 @@ HIERARCHICAL = [
     "swin_tiny_patch4_window7_224",
 ]
 PLAIN_VITS = ["vit_tiny_patch16_224", "deit_tiny_patch16_224"]
+SWIN = "swin_tiny_patch4_window7_224"
 TIMM = ["model/backbone=timm"]
 
 
@@ -63,6 +72,10 @@ def test_timm_model_composes_gives_a_stride_4_map_and_sparse_fuses_to_dense(name
         assert info.reduction() == [4, 8, 16, 32]
         assert [reduce[0].in_channels for reduce in backbone.reduce] == info.channels()
     assert backbone.size_divisor == net.size_divisor == 32
+    assert backbone.name == name
+    # A dynamic ONNX export needs a larger example only for Swin's shifted windows: 64x96 puts its
+    # stride-16 blocks on a 4x6 token grid, within one 7x7 window; (7 + 1) x 16 = 128 does not.
+    assert backbone.dynamic_export_size(64, 96) == ((128, 128) if name == SWIN else (64, 96))
 
     batch = torch.randn(len(BATCH_SHARES), 3, 64, 96)
     unity = unity_logits_for_shares([even_level_shares(s, 4) for s in BATCH_SHARES], finest_size=(16, 24))
@@ -132,6 +145,23 @@ def test_a_timm_state_dict_loads_into_the_feature_model(name: str, indices, tmp_
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_dynamic_onnx_export_of_swin_from_a_too_small_example_is_refused_before_exporting(
+    tmp_path: Path,
+) -> None:
+    net = PyramidSegmenter(SWIN, num_classes=3, semantic_channels=8, unity_channels=8)
+    predictor = Predictor(net=net, class_names=["a", "b", "c"], tau=0.9)
+    path = tmp_path / "swin.onnx"
+    with pytest.raises(
+        ValueError,
+        match=rf"dynamic=true from the example size=\[64, 96\]: backbone '{SWIN}' has shifted-window "
+        r"attention .* Export from an example of at least size=\[128, 128\], or at a fixed size=\[H,W\]",
+    ):
+        export_model(predictor, path, size=[64, 96], dynamic=True)
+    assert not path.exists()
+    # Wider than 128: the width stays as given.
+    assert net.backbone.dynamic_export_size(96, 160) == (128, 160)
+
+
 def test_weights_of_another_model_are_refused_by_the_95_percent_rule(tmp_path: Path) -> None:
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(
@@ -144,12 +174,36 @@ def test_weights_of_another_model_are_refused_by_the_95_percent_rule(tmp_path: P
 # End to end: two training steps through the real CLI, then the checkpoint exported to ONNX
 
 
+def assert_onnx_gives_the_predictors_output(
+    path: Path, predictor: Predictor, sizes: list[tuple[int, int, int]]
+) -> None:
+    """The ONNX file's masks and level maps equal the dense Predictor's on noise images of `sizes`."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = AS_EXPORTED
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for seed, (batch, height, width) in enumerate(sizes):
+        rgb = images(batch, height, width, seed)
+        mask, level_map = session.run(None, {"image": as_input(rgb)})
+        expected_mask, expected_levels = predicted(predictor, rgb)
+        np.testing.assert_array_equal(level_map, expected_levels)
+        np.testing.assert_array_equal(mask, expected_mask)
+
+
+def check_swin_exports(checkpoint: Path, predictor: Predictor, tmp_path: Path) -> None:
+    """Swin at 64 px: a dynamic ONNX graph from this example is refused before exporting; the fixed-size
+    graph and the TorchScript trace (which follows the input size) give the Predictor's output."""
+    with pytest.raises(ValueError, match=r"at least size=\[128, 128\], or at a fixed size=\[H,W\]"):
+        export(checkpoint, tmp_path, "size=[64,64]", "dynamic=true")
+    assert not (checkpoint.parent.parent / "export" / "model_dynamic.onnx").exists()
+    path, _ = export(checkpoint, tmp_path, "size=[64,64]", f"tau={SWEEP_TAU}")
+    assert_onnx_gives_the_predictors_output(path, predictor, [(1, 64, 64)])
+    path, _ = export(checkpoint, tmp_path, "format=torchscript", "size=64", f"tau={SWEEP_TAU}")
+    assert_torchscript_gives_the_predictors_output(path, predictor, [(1, 64, 64), (2, 96, 128)])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "exported"),
-    [("convnext_atto", True), ("swin_tiny_patch4_window7_224", False), ("vit_tiny_patch16_224", True)],
-)
-def test_trains_two_steps_through_the_cli_and_exports_to_onnx(name: str, exported: bool, tmp_path: Path):
+@pytest.mark.parametrize("name", ["convnext_atto", SWIN, "vit_tiny_patch16_224"])
+def test_trains_two_steps_through_the_cli_and_exports(name: str, tmp_path: Path):
     run_dir = tmp_path / "run"
     result = run_train(*TINY, *TIMM, f"model.backbone.name={name}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,18 +212,10 @@ def test_trains_two_steps_through_the_cli_and_exports_to_onnx(name: str, exporte
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert state["hyper_parameters"]["backbone"]["name"] == name
-    if not exported:
-        return
-
-    path, _ = export(checkpoint, tmp_path, "size=[64,96]", "dynamic=true", f"tau={SWEEP_TAU}")
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = AS_EXPORTED
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     predictor = load(checkpoint, device="cpu", sparse_inference=False)
     predictor.tau = SWEEP_TAU
-    for seed, (batch, height, width) in enumerate([(2, 64, 96), (1, 128, 64)]):
-        rgb = images(batch, height, width, seed)
-        mask, level_map = session.run(None, {"image": as_input(rgb)})
-        expected_mask, expected_levels = predicted(predictor, rgb)
-        np.testing.assert_array_equal(level_map, expected_levels)
-        np.testing.assert_array_equal(mask, expected_mask)
+    if name == SWIN:
+        check_swin_exports(checkpoint, predictor, tmp_path)
+        return
+    path, _ = export(checkpoint, tmp_path, "size=[64,96]", "dynamic=true", f"tau={SWEEP_TAU}")
+    assert_onnx_gives_the_predictors_output(path, predictor, [(2, 64, 96), (1, 128, 64)])

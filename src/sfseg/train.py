@@ -88,6 +88,8 @@ def build(cfg: DictConfig) -> tuple[SegmentationDataModule, SpecializeAndFuseMod
         palette=[list(colour) for colour in datamodule.palette],
         label_values=datamodule.label_values,
     )
+    # Training crops and padded validation images must fit the network, not only the pyramid.
+    datamodule.match_network(model.net.size_divisor)
     callbacks = [instantiate(callback) for callback in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(logger) for logger in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -3,8 +3,8 @@ of Cityscapes (the first dataset of HRNet-Semantic-Segmentation and of most segm
 
 Each reads its official (or documented converted) layout under `data.root` (see `sfseg.data.datasets`),
 trains with the paper's augmentation (`transforms.train_transform`) and validates on the full image
-(or a fixed `val_resize`), padded at the bottom/right to a multiple of the coarsest stride with the
-padding ignored.
+(or a fixed `val_resize`), padded at the bottom/right to a multiple of the network's size divisor
+(`SegmentationDataModule.match_network`) with the padding ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from sfseg.data.datasets import (
     Scan,
     SegmentationFiles,
 )
-from sfseg.data.transforms import train_transform, val_transform
+from sfseg.data.transforms import size_pair, train_transform, val_transform
 
 SUBSAMPLE_KEYS = {"train", "val", "seed", "source_split"}
 
@@ -114,12 +114,7 @@ class FileDataModule(SegmentationDataModule):
 
     def build_datasets(self, scans: Mapping[str, Scan]) -> dict[str, SegmentationFiles]:
         """SegmentationFiles of train (augmented) and val (full image or val_resize, padded)."""
-        sides = (self.crop_size,) if isinstance(self.crop_size, int) else self.crop_size
-        if any(side % self.coarsest_stride for side in sides):
-            raise ValueError(
-                f"data.crop_size={self.crop_size} must be divisible by the coarsest stride "
-                f"{self.coarsest_stride} (model.levels={self.num_levels})"
-            )
+        self.check_size("data.crop_size", size_pair(self.crop_size, "data.crop_size"))
         train_tf = train_transform(
             crop_size=self.crop_size,
             scale_range=self.scale_range,

@@ -263,4 +263,5 @@ def _checkpoint_datamodule(cfg: DictConfig, predictor: Predictor) -> Segmentatio
             f"data={cfg.data._target_} has {datamodule.num_classes} classes but the checkpoint was trained "
             f"on {predictor.num_classes} ({', '.join(predictor.class_names[:5])}, ...); pick its dataset"
         )
+    datamodule.match_network(predictor.net.size_divisor)
     return datamodule

@@ -24,7 +24,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from timm.layers import LayerNorm2d
+from timm.layers import LayerNorm2d, to_2tuple
 from torch import Tensor, nn
 
 from sfseg.models.layers import conv_bn_relu
@@ -47,6 +47,12 @@ def _concat_at_finest(features: list[Tensor]) -> Tensor:
     return torch.cat(resized, dim=1)
 
 
+def is_shifted_window_block(module: nn.Module) -> bool:
+    """timm's Swin V1, V2 and V2-CR attention blocks with shifted windows (a non-zero `shift_size`)."""
+    shift = getattr(module, "shift_size", 0)
+    return any(shift) if isinstance(shift, Sequence) else bool(shift)
+
+
 class Backbone(nn.Module):
     """images [B, 3, H, W] -> X [B, out_channels, H/4, W/4]; `body` is the timm features_only model."""
 
@@ -59,10 +65,40 @@ class Backbone(nn.Module):
     out_indices: ClassVar[tuple[int, ...]] = STAGES
     timm_kwargs: ClassVar[dict[str, str]] = {}
     out_channels: int
+    name: str = ""  # model.backbone.name; create_backbone sets it
 
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
+
+    def dynamic_export_size(self, height: int, width: int) -> tuple[int, int]:
+        """The smallest example size, at least (height, width), from which an ONNX graph with free height
+        and width (`sfseg.export dynamic=true`) holds at every input size. Shifted-window attention
+        (Swin) builds its mask from the padded window grid: where a block's input spans a single window
+        at the example, the export fixes that block's mask and onnxruntime fails at other sizes. So each
+        such block must see more than one window per side; its token grid is measured on one forward
+        pass at (height, width)."""
+        blocks = [module for module in self.body.modules() if is_shifted_window_block(module)]
+        if not blocks:
+            return height, width
+        grids: list[tuple[tuple[int, int], tuple[int, int]]] = []  # (token grid, window) per block
+
+        def record(block: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            grids.append((tuple(inputs[0].shape[1:3]), to_2tuple(block.window_size)))  # [B, H, W, C]
+
+        hooks = [block.register_forward_pre_hook(record) for block in blocks]
+        weight = next(self.body.parameters())
+        try:
+            with torch.no_grad():
+                self.body(torch.zeros(1, 3, height, width, dtype=weight.dtype, device=weight.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        needed = [height, width]
+        for grid, window in grids:
+            for axis, side in enumerate((height, width)):
+                needed[axis] = max(needed[axis], (window[axis] + 1) * (side // grid[axis]))
+        return needed[0], needed[1]
 
 
 class HRNetV2(Backbone):
@@ -229,7 +265,9 @@ def create_backbone(name: str, pretrained: bool = False, weights: str | None = N
             ) from err
     else:
         body = timm.create_model(timm_name, pretrained=False, **kwargs)
-    return kind(body)
+    backbone = kind(body)
+    backbone.name = name
+    return backbone
 
 
 def timm_pyramid(name: str) -> tuple[type[FusedStages], dict[str, Any]]:
