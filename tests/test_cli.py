@@ -115,6 +115,8 @@ def test_the_traceback_is_still_there_on_request(
         ("train", ["data=coco_stuff10k"], {"data.root": "/data/cocostuff-10k"}),
         ("train", ["data=coco_stuff164k"], {"data.root": "/data/coco_stuff164k"}),
         ("train", ["data=pascal_context59"], {"data.root": "/data/VOCdevkit"}),
+        ("train", ["data=cityscapes"], {"data.root": "/data/cityscapes"}),
+        ("train", ["data=folder"], {"data.root": "/data/<dataset>", "data.classes": "classes.yaml"}),
         ("eval", [], {"ckpt_path": EXPECTED["ckpt_path"][1]}),
         (
             "eval",
@@ -137,9 +139,9 @@ def test_missing_keys_are_found_with_an_example_value_each(
 def test_every_mandatory_key_in_conf_has_its_expectation():
     # A new `???` key needs its entry in sfseg.cli.EXPECTED (data.root: the dataset's layout).
     mandatory = {
-        line.split(":")[0].strip()
+        ("data." if path.parent.name == "data" else "") + line.split(":")[0].strip()
         for path in CONF_DIR.rglob("*.yaml")
         for line in path.read_text().splitlines()
         if line.split("#")[0].rstrip().endswith(": ???")
     }
-    assert mandatory == {*EXPECTED, "root"}
+    assert mandatory == {*EXPECTED, "data.root"}

@@ -35,6 +35,10 @@ EXPECTED = {
         "outputs/train/<time>/checkpoints/last.ckpt",
     ),
     "input": ("an image file, or a folder of images", "photos/"),
+    "data.classes": (
+        "the class names: a classes.yaml, .json or .txt file, or a list [name, ...]",
+        "classes.yaml",
+    ),
 }
 # Errors whose message is the whole story: sfseg raises them for bad config values and missing files.
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -69,7 +73,7 @@ def expectation(key: str, cfg: DictConfig) -> tuple[str, str]:
         if layout is not None:  # a dataset on disk: its release's folder (the first line of its tree)
             folder = layout.tree.split("/")[0]
             return f"the {folder}/ folder of the {layout.name} release", f"/data/{folder}"
-        return "the folder of the dataset's files", "/data/<dataset>"
+        return "the folder of the dataset's images and labels", "/data/<dataset>"
     return EXPECTED.get(key, ("a value (conf/ gives it none)", "<value>"))
 
 
