@@ -4,17 +4,19 @@ The model, its L, tau and classes come from the checkpoint (`sfseg.inference.loa
 whole-image or sliding-window (`eval.mode=slide`), optionally multi-scale + flip (`eval.scales`,
 `eval.flip`), from the fused output or the finest level only (`eval.fuse=false`, Table 8's "auxiliary
 supervision"). A single-scale whole-image pass of the fused pyramid also feeds the specialization
-analysis (Sec. 5.5) and the unity pyramid's reliability diagrams; `eval.tau` overrides the checkpoint's
-tau, and `eval.tau_sweep=[...]` re-fuses that pass's pyramids at each tau (the tau trade-off). The eval
-folder (default `<training run>/eval`, see `default_eval_folder`) gets metrics.json, per_class.csv,
-specialization.json, table9.png, fig3.png, unity_calibration.json and .png, and with a sweep
-tau_sweep.csv, .md and .png.
+analysis (Sec. 5.5), the fuse's headroom (metrics.json["headroom"]: each level alone, the best single
+level, the oracle fuse, the pixels the fuse missed, every training-free fuse rule on the same pyramids;
+docs/fuse.md) and the unity pyramid's reliability diagrams; `eval.tau` overrides the checkpoint's tau,
+and `eval.tau_sweep=[...]` re-fuses that pass's pyramids at each tau (the tau trade-off). The fuse rule
+is the checkpoint's (model.fuse.name). The eval folder (default `<training run>/eval`, see
+`default_eval_folder`) gets metrics.json, per_class.csv, specialization.json, table9.png, fig3.png,
+unity_calibration.json and .png, and with a sweep tau_sweep.csv, .md and .png.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from sfseg.inference import (
     write_tau_sweep,
     write_unity_calibration,
 )
-from sfseg.pyramid import check_tau
+from sfseg.pyramid import TAU_FUSE_RULES, check_tau
 from sfseg.runs import checkpoint_run_folder, write_json
 from sfseg.visualize import fig3_figure, save_figure, table9_figure
 
@@ -67,11 +69,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = InferenceSettings.from_config(cfg.eval)
     device = resolve_device(cfg.eval.device)
     autocast(device, cfg.eval.autocast)  # validates the key before the long part
-    predictor = load(cfg.ckpt_path, device=device, autocast=cfg.eval.autocast)
+    predictor = load(
+        cfg.ckpt_path, device=device, autocast=cfg.eval.autocast, sparse_inference=settings.sparse
+    )
+    settings = replace(settings, sparse=predictor.sparse_inference)  # dense when the rule needs it
     checkpoint_tau = predictor.tau
     if cfg.eval.tau is not None:
         predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
     taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
+    if (taus or cfg.eval.tau is not None) and predictor.fuse_rule not in TAU_FUSE_RULES:
+        print(
+            f"note: the {predictor.fuse_rule} fuse does not read tau; eval.tau and eval.tau_sweep leave it as is"
+        )
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
     evaluation = evaluate(
@@ -93,12 +102,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "autocast": predictor.autocast,
             "tau": predictor.tau,
             "checkpoint_tau": checkpoint_tau,
+            "fuse_rule": predictor.fuse_rule,
         },
+        "headroom": evaluation.headroom(),
     }
     specialization = evaluation.specialization()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
-    write_per_class_csv(out_dir / "per_class.csv", scores)
+    write_per_class_csv(out_dir / "per_class.csv", scores, evaluation.per_class_headroom())
     write_json(out_dir / "specialization.json", specialization)
     save_figure(table9_figure(specialization), out_dir / "table9.png")
     save_figure(fig3_figure(specialization), out_dir / "fig3.png")
@@ -108,12 +119,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         written += write_tau_sweep(out_dir, evaluation, checkpoint_tau)
 
     print("\n" + per_class_table(scores))
-    print(f"\n{evaluation.num_images} images, {settings.describe()}, tau={predictor.tau:g}")
+    print(
+        f"\n{evaluation.num_images} images, {settings.describe()}, {predictor.fuse_rule} fuse, tau={predictor.tau:g}"
+    )
+    print(headroom_line(metrics["headroom"], predictor.levels))
     if taus:
         print("\n" + (out_dir / "tau_sweep.md").read_text())
     for path in written:
         print(f"  {path}")
     return metrics
+
+
+def headroom_line(headroom: dict[str, Any], levels: int) -> str:
+    """One line: the single-scale fused mIoU beside each level alone, the best level, the oracle fuse and
+    every compared rule (percent)."""
+    parts = [f"fused {100 * headroom['mIoU']:.2f}"]
+    parts += [f"level {level} {100 * headroom[f'mIoU_level{level}']:.2f}" for level in range(1, levels + 1)]
+    parts += [f"best level ({headroom['best_level']}) {100 * headroom['mIoU_best_level']:.2f}"]
+    parts += [f"oracle {100 * headroom['mIoU_oracle']:.2f}"]
+    parts += [
+        f"{key.removeprefix('mIoU_fuse_')} {100 * value:.2f}"
+        for key, value in headroom.items()
+        if key.startswith("mIoU_fuse_")
+    ]
+    return "single-scale mIoU (%): " + ", ".join(parts)
 
 
 def sweep_taus(tau_sweep: Sequence[float], checkpoint_tau: float) -> list[float]:

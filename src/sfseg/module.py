@@ -11,15 +11,17 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sfseg.inference import Predictor, fused_logits, level_predictions
+from sfseg.inference import Predictor, compared_rules, fused_logits, level_predictions, rule_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
+from sfseg.models.segmenter import fuse_config
 from sfseg.pyramid import (
     IGNORE_INDEX,
     RELABEL_POLICIES,
     SEMANTIC_LOSSES,
     Ohem,
     PyramidTargets,
+    fuse,
     pyramid_loss,
     relabel,
     semantic_ce,
@@ -78,11 +80,21 @@ def training_loss(
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of one batch: Eq. 1 on the targets relabelled by `policy`, plus OCR's weighted
-    auxiliary CE when the net has that head. Returns the total and its terms by their logged names."""
+    auxiliary CE when the net has that head, plus the learned fuse's CE when the net has a fuse gate.
+    Returns the total and its terms by their logged names."""
     loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, policy, tau), ohem)
     total = loss.total
     terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
     terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
+    if out.gate_logits is not None:
+        # The learned fuse's output against the finest labels (before relabelling: every pixel counts).
+        # The pyramids enter detached, so this CE trains the gate only and leaves the pyramids as Eq. 1
+        # trains them.
+        semantic = [logits.detach() for logits in out.semantic]
+        unity = [logits.detach() for logits in out.unity]
+        fused, _ = fuse(semantic, unity, tau, "learned", out.gate_logits)
+        terms["train/fuse_ce"] = semantic_ce(fused, targets.semantic[-1], ignore_index)
+        total = total + terms["train/fuse_ce"]
     if out.auxiliary is not None:
         # OCR's auxiliary head, against the finest labels before relabelling: it must find the
         # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
@@ -109,15 +121,17 @@ class SpecializeAndFuseModule(L.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         loss: Mapping[str, Any] | None = None,
+        fuse: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
-        backbone, context, relabel, optimizer, loss = (
+        backbone, context, relabel, optimizer, loss, fuse = (
             plain(backbone),
             plain(context),
             plain(relabel),
             plain(optimizer),
             plain(loss),
+            plain(fuse),
         )
         policy = relabel["policy"]
         if policy not in RELABEL_POLICIES:
@@ -129,6 +143,7 @@ class SpecializeAndFuseModule(L.LightningModule):
                 f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
             )
         self.ohem = semantic_loss(loss)
+        fuse_config(fuse)  # validates model.fuse early
         self.aux_weight = auxiliary_weight(context)
         self.save_hyperparameters()
         self.policy = policy
@@ -138,7 +153,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.net = PyramidSegmenter.from_hparams(self.hparams)
-        self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
+        self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index, compared_rules(self.net))
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
         # PyramidMetrics' states (confusion matrices, unity hits, cells per level) of the last validation.
@@ -194,7 +209,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau), self.ohem
         )
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
-        fused, level_map = fused_logits(out, label.shape[-2:], self.tau)
+        fused, level_map = fused_logits(out, label.shape[-2:], self.tau, rule=self.net.fuse_rule)
         fused_pred = fused.argmax(1)
         self.val_metrics.update(
             fused_pred=fused_pred,
@@ -203,6 +218,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             unity_logits=out.unity,
             unity_targets=targets.unity,
             level_map=level_map,
+            rule_preds=rule_predictions(out, label.shape[-2:], self.tau, self.val_metrics.rules),
         )
         return {"fused_pred": fused_pred, "level_map": level_map}
 
