@@ -220,16 +220,17 @@ class PyramidMetrics(_SyncedMetric):
             result[f"mIoU_fuse_{rule}"] = miou
         return result
 
-    def per_class(self) -> dict[str, list]:
-        """Per-class IoU and accuracy of the fused output; IoU of each level's own prediction
-        (level_iou, [L][C]) and of the oracle fuse (oracle_iou)."""
+    def per_class(self) -> dict[str, list[float]]:
+        """Per-class IoU and accuracy of the fused output, IoU of each level's own prediction
+        (iou_level<l>) and of the oracle fuse (iou_oracle)."""
         with self.synced():
             scores = segmentation_scores(self.confmat[0])
+            levels = class_iou(self.confmat[1:]).tolist()
             return {
                 "iou": scores["iou"],
                 "acc": scores["acc"],
-                "level_iou": class_iou(self.confmat[1:]).tolist(),
-                "oracle_iou": class_iou(self.oracle).tolist(),
+                **{f"iou_level{level}": iou for level, iou in enumerate(levels, start=1)},
+                "iou_oracle": class_iou(self.oracle).tolist(),
             }
 
     def specialization_report(self) -> dict[str, Tensor]:

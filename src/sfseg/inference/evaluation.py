@@ -76,12 +76,15 @@ class Evaluation:
 
     def per_class_headroom(self) -> dict[str, dict[str, float]]:
         """Per class (by name), from the single-scale pass: the IoU of each level's own prediction
-        (iou_level<l>), of the best single level by mIoU (iou_best_level) and of the oracle fuse."""
+        (iou_level<l>), of the best single level by mIoU (iou_best_level) and of the oracle fuse
+        (iou_oracle)."""
         per_class = self.pyramid.per_class()
-        best = self.pyramid.headroom()["best_level"]
-        columns = {f"iou_level{level}": iou for level, iou in enumerate(per_class["level_iou"], start=1)}
-        columns["iou_best_level"] = per_class["level_iou"][best - 1]
-        columns["iou_oracle"] = per_class["oracle_iou"]
+        levels = {key: per_class[key] for key in per_class if key.startswith("iou_level")}
+        columns = {
+            **levels,
+            "iou_best_level": levels[f"iou_level{self.pyramid.headroom()['best_level']}"],
+            "iou_oracle": per_class["iou_oracle"],
+        }
         return {name: dict(zip(self.class_names, values, strict=True)) for name, values in columns.items()}
 
     def specialization(self) -> dict[str, Any]:
