@@ -6,13 +6,16 @@ checkpoints loading as Eq. 2."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import json
 import math
 from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 
 from sfseg.analysis import missed_counts, oracle_prediction
@@ -33,6 +36,7 @@ from sfseg.pyramid import (
     repeat_cells,
     soft_level_log_weights,
 )
+from sfseg.sweeps import write_fuse_report
 from tests.test_pyramid import BIG, brute_force_cell, label_batches
 
 MODEL = {
@@ -332,3 +336,68 @@ def test_pyramid_metrics_report_the_headroom_with_known_answers():
         metrics.update(
             FUSED, [LEVEL1, FINEST], TARGET, [], [], torch.ones(1, 4, 4, dtype=torch.long), [FUSED]
         )
+
+
+# --- the report --------------------------------------------------------------------------------------------
+
+
+def fake_job(folder: Path, seed: int, metrics: dict[str, float], counts: PyramidMetrics) -> None:
+    """A finished L=2 job of the learned fuse: resolved config, metrics.json and val_counts.pt."""
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "model": {"levels": 2, "fuse": {"name": "learned"}}, "data": {"_target_": "x"}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    per_class = dict(zip(["a", "b", "c"], counts.per_class()["iou"], strict=True))
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "per_class_iou": per_class}))
+    torch.save({name: state for name, state in counts.metric_state.items()}, folder / "val_counts.pt")
+
+
+def test_fuse_report_compares_each_rule_with_level1_and_hard_over_seeds(tmp_path: Path):
+    counts = PyramidMetrics(num_classes=3, num_levels=2, rules=("hard", "soft", "learned"))
+    counts.update(
+        FUSED,
+        [LEVEL1, FINEST],
+        TARGET,
+        [],
+        [],
+        torch.ones(1, 4, 4, dtype=torch.long),
+        [FINEST, LEVEL1, TARGET],
+    )
+    base = counts.compute()
+    # Seed 1 shifts the rules' scores; everything else as measured by the counts above.
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        scores = {key: value for key, value in base.items() if isinstance(value, int | float)}
+        scores.update({"mIoU_fuse_learned": 0.9 + shift, "mIoU_fuse_soft": 0.4 + shift, "mIoU": 0.9 + shift})
+        fake_job(tmp_path / f"{seed}_job", seed, scores, counts)
+    _, csv_path, markdown = write_fuse_report(tmp_path, {"pair": ["a", "b"]})
+    assert "### The fuse's headroom, all classes: mIoU (%) on the same pyramids" in markdown
+    assert (
+        "| L | fuse | seeds | fused | hard | soft | learned | level 1 alone | best single level | oracle |"
+        in markdown
+    )
+    hard, level1, oracle = (100 * base[key] for key in ("mIoU_fuse_hard", "mIoU_level1", "mIoU_oracle"))
+    assert (
+        f"| 2 | learned | 2 | 91.00 ± 1.41 | {hard:.2f} ± 0.00 | 41.00 ± 1.41 | 91.00 ± 1.41 | {level1:.2f} ± 0.00 |"
+        in markdown
+    )
+    assert f"{oracle:.2f} ± 0.00 | 25.00 ± 0.00 | 0.00 ± 0.00 |" in markdown  # oracle, missed mixed / pure
+    # Over the focus classes, from the counts: the learned rule predicted the truth (IoU 1 on a and b).
+    assert "### The fuse's headroom, pair classes" in markdown
+    pair_table = markdown.split("### The fuse's headroom, pair classes")[1].split("Mean ±")[0]
+    (pair_row,) = [line for line in pair_table.splitlines() if line.startswith("| 2 | learned")]
+    cells = [cell.strip() for cell in pair_row.strip("|").split("|")]
+    assert cells[6] == "100.00 ± 0.00" and cells[7] == "37.50 ± 0.00"  # learned; level 1 on a, b: 0.75, 0
+    assert "(per job: L=2 learned: 2,2)" in markdown  # each job's best single level
+    goals = markdown.split("### Each rule against level 1 alone and against hard")[1]
+    assert (
+        f"- learned - level 1 alone: {91 - level1:+.2f} mIoU" in goals
+        and "**learned beats level 1 alone**" in goals
+    )
+    assert "**soft loses to hard**" in goals and "**hard beats level 1 alone**" in goals
+    assert "larger seed spread 1.41, 2 job(s)" in goals
+    with csv_path.open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (
+        row["model.fuse.name"] == "learned"
+        and row["seeds"] == "2"
+        and float(row["mIoU_oracle_mean"]) == pytest.approx(oracle)
+    )
