@@ -40,7 +40,7 @@ def test_every_fuse_option_instantiates_and_hard_is_the_default(fuse: str, run_d
     assert compose_config(TINY, run_dir).model.fuse.name == "hard"
     cfg = compose_config([*TINY, f"model/fuse={fuse}"], run_dir)
     _, model, _ = build(cfg)
-    assert model.hparams.fuse["name"] == model.net.fuse_rule == fuse
+    assert model.hparams.fuse["name"] == model.net.fuse_rule.name == fuse
     assert (model.net.fuse_gate is not None) == (fuse == "learned")
 
 
@@ -136,6 +136,8 @@ def test_unknown_group_option_lists_the_choices(run_dir: Path):
         ("model/fuse=learned model.fuse.hidden_channels=0", "model.fuse.hidden_channels must be >= 1, got 0"),
         ("model/fuse=soft +model.fuse.hidden_channels=8", "model.fuse has unknown keys ['hidden_channels']"),
         ("model/fuse=learned model.levels=1", "model/fuse=learned needs model.levels >= 2"),
+        ("model.fuse.upsample=cubic", "model.fuse.upsample='cubic' is not one of nearest, bilinear"),
+        ("model/fuse=learned model.fuse.lr_mult=0", "model.fuse.lr_mult must be a number > 0, got 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, fragment: str, run_dir: Path):

@@ -142,7 +142,7 @@ def test_onnx_of_a_learned_fuse_runs_the_gate_and_the_mixture_in_the_graph(
     options.graph_optimization_level = AS_EXPORTED
     session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     predictor = load(run_dir / "checkpoints" / "last.ckpt", device="cpu")
-    assert predictor.fuse_rule == "learned"
+    assert predictor.fuse_rule.label == "learned"
     rgb = images(1, 64, 64, seed=0)
     mask, level_map = session.run(None, {"image": as_input(rgb)})
     expected_mask, expected_levels = predicted(predictor, rgb)

@@ -10,11 +10,13 @@ import csv
 import io
 import json
 import math
+import types
 from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from hypothesis import given, settings
 
@@ -26,6 +28,7 @@ from sfseg.models.segmenter import fuse_config
 from sfseg.module import SpecializeAndFuseModule, training_loss
 from sfseg.pyramid import (
     IGNORE_INDEX,
+    FuseRule,
     build_targets,
     fuse,
     fuse_features,
@@ -35,6 +38,7 @@ from sfseg.pyramid import (
     relabel,
     repeat_cells,
     soft_level_log_weights,
+    upsample_levels,
 )
 from sfseg.sweeps import write_fuse_report
 from tests.test_pyramid import BIG, brute_force_cell, label_batches
@@ -114,19 +118,61 @@ def test_soft_fuse_with_certain_unity_takes_the_cells_eq2_takes(levels: int, see
     torch.testing.assert_close(soft.exp(), hard.softmax(1), atol=1e-4, rtol=0)
 
 
+@settings(max_examples=20, deadline=None)
+@given(st.integers(2, 4), st.integers(0, 2**31 - 1), st.sampled_from(["hard", "soft"]))
+def test_bilinear_up_interpolates_each_levels_logits_as_level_l_alone_is_upsampled(levels, seed, name):
+    semantic, unity = random_pyramid(levels, 3, seed, finest=16)
+    size = semantic[-1].shape[-2:]
+    upsampled = [F.interpolate(y, size=size, mode="bilinear", align_corners=False) for y in semantic]
+    _, level_map = fuse(semantic, unity, rule=name)
+    fused, bilinear_map = fuse(semantic, unity, rule=FuseRule(name, "bilinear"))
+    assert torch.equal(bilinear_map, level_map)  # the weights (hard: the levels) do not depend on Up()
+    if name == "hard":  # Eq. 2's choice of level, that level's interpolated logits
+        for level, logits in enumerate(upsampled):
+            taken = (level_map == level).unsqueeze(1).expand_as(fused)
+            assert torch.equal(fused[taken], logits[taken])
+    else:
+        weights = soft_level_log_weights(unity, levels).exp()
+        expected = sum(
+            w.unsqueeze(1) * y.softmax(1) for w, y in zip(weights.unbind(1), upsampled, strict=True)
+        )
+        torch.testing.assert_close(fused.exp(), expected)
+
+
+def test_fuse_rules_name_their_up_and_say_what_they_allow():
+    assert [rule.label for rule in (FuseRule("hard"), FuseRule("soft"), FuseRule("learned"))] == [
+        "hard",
+        "soft",
+        "learned",
+    ]
+    assert FuseRule("learned").upsample == "bilinear" and FuseRule("hard").upsample == "nearest"
+    assert (
+        FuseRule("hard", "bilinear").label == "hard_bilinear"
+        and FuseRule("learned", "nearest").label == "learned_nearest"
+    )
+    assert [rule.sparse for rule in (FuseRule("hard"), FuseRule("hard", "bilinear"), FuseRule("soft"))] == [
+        True,
+        False,
+        False,
+    ]
+    assert FuseRule("hard", "bilinear").reads_tau and not FuseRule("soft").reads_tau
+    with pytest.raises(ValueError, match=r"model\.fuse\.upsample='area' is not one of nearest, bilinear"):
+        FuseRule("soft", "area")
+
+
 def test_learned_fuse_follows_the_gate_and_needs_it():
     semantic, unity = random_pyramid(3, 4, seed=0)
     finest = semantic[-1].shape[-1]
     chosen = torch.randint(0, 3, (2, finest, finest), generator=torch.Generator().manual_seed(1))
     gate = torch.nn.functional.one_hot(chosen, 3).permute(0, 3, 1, 2).float() * 40  # certain gate
-    fused, level_map = fuse(semantic, unity, rule="learned", gate_logits=gate)
+    fused, level_map = fuse(semantic, unity, rule=FuseRule("learned", "nearest"), gate_logits=gate)
     assert torch.equal(level_map, chosen)
     expected = torch.stack([up(y.log_softmax(1), finest) for y in semantic], 1)  # [B, L, C, h, w]
     expected = expected.gather(1, chosen[:, None, None].expand(-1, 1, 4, -1, -1))[:, 0]
     torch.testing.assert_close(fused, expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="learned fuse needs the fuse gate's level logits"):
         fuse(semantic, unity, rule="learned")
-    with pytest.raises(ValueError, match="fuse rule='vote' is not one of hard, soft, learned"):
+    with pytest.raises(ValueError, match=r"model\.fuse\.name='vote' is not one of hard, soft, learned"):
         fuse(semantic, unity, rule="vote")
 
 
@@ -159,7 +205,8 @@ def test_fuse_features_are_bounded_and_say_what_they_mean():
     # column of cells, undecided on the right; unity of level 1 = 0.5.
     semantic = [torch.tensor([40.0, 0.0]).view(1, 2, 1, 1), torch.zeros(1, 2, 2, 2)]
     semantic[1][0, 0, :, 0] = 40.0
-    features = fuse_features(semantic, [torch.zeros(1, 1, 1)])
+    probabilities = [logits.softmax(1) for logits in upsample_levels(semantic, "nearest")]
+    features = fuse_features(probabilities, [torch.zeros(1, 1, 1)])
     assert features.shape == (1, 6, 2, 2) and features.min() >= 0 and features.max() <= 1
     top, entropy, agreement, unity = features[0, :2], features[0, 2:4], features[0, 4], features[0, 5]
     assert torch.allclose(top[0], torch.ones(2, 2)) and torch.allclose(top[1, :, 1], torch.full((2,), 0.5))
@@ -177,14 +224,16 @@ def test_fuse_features_are_bounded_and_say_what_they_mean():
 
 def test_an_untrained_gate_is_the_soft_fuse():
     semantic, unity = random_pyramid(4, 3, seed=5, finest=16)
-    gate = FuseGate(4)
-    fused, _ = fuse(semantic, unity, rule="learned", gate_logits=gate(semantic, unity))
-    torch.testing.assert_close(fused, fuse(semantic, unity, rule="soft")[0])
+    for upsample in ("nearest", "bilinear"):
+        rule = FuseRule("learned", upsample)
+        gate = FuseGate(4, upsample=upsample)
+        fused, _ = fuse(semantic, unity, rule=rule, gate_logits=gate(semantic, unity))
+        torch.testing.assert_close(fused, fuse(semantic, unity, rule=FuseRule("soft", upsample))[0])
 
 
 def test_the_fuse_loss_trains_the_gate_and_leaves_the_pyramids_as_eq1_trains_them():
     torch.manual_seed(0)
-    module = SpecializeAndFuseModule(**MODEL, fuse={"name": "learned", "hidden_channels": 4})
+    module = SpecializeAndFuseModule(**MODEL, fuse={"name": "learned", "hidden_channels": 4, "lr_mult": 100})
     labels = repeat_cells(torch.randint(0, 3, (2, 2, 2)), 32)
     out = module.net(torch.randn(2, 3, 64, 64))
     targets = build_targets(labels, 4)
@@ -200,6 +249,11 @@ def test_the_fuse_loss_trains_the_gate_and_leaves_the_pyramids_as_eq1_trains_the
         else:
             assert parameter.grad is None, name  # no gradient from the fuse loss reaches the pyramids
     assert module.net.fuse_gate.mlp[-1].weight.grad.abs().sum() > 0  # (the hidden layer's follow once it is)
+    # The gate learns at model.fuse.lr_mult times the heads' lr, in a parameter group of its own.
+    module.trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    assert [group["lr"] for group in groups] == [0.01, 0.01, 0.01 * 100]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for p in module.net.fuse_gate.parameters()}
 
 
 @pytest.mark.parametrize(
@@ -233,21 +287,22 @@ def test_a_checkpoint_from_before_the_rule_was_a_setting_loads_as_eq2(tmp_path: 
     path = tmp_path / "old.ckpt"
     torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
     predictor = load(path, device="cpu")
-    assert predictor.fuse_rule == "hard" and predictor.net.fuse_gate is None and predictor.sparse_inference
+    assert predictor.fuse_rule == FuseRule("hard", "nearest") and predictor.sparse_inference
+    assert predictor.net.fuse_gate is None
     assert fuse_config(None) == {"name": "hard"}
 
 
 # --- sparse inference ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ["soft", "learned"])
-def test_sparse_inference_falls_back_to_dense_for_rules_that_read_every_level(rule: str):
+@pytest.mark.parametrize("rule", [FuseRule("soft"), FuseRule("learned"), FuseRule("hard", "bilinear")])
+def test_sparse_inference_falls_back_to_dense_for_rules_that_read_every_level(rule: FuseRule):
     torch.manual_seed(0)
     net = PyramidSegmenter("local", 3, 4, "none", 8, 8, fuse=rule).eval()
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         predictor = Predictor(net=net, class_names=["a", "b", "c"], tau=0.9)
-    assert f"note: the {rule} fuse reads every level at every cell" in printed.getvalue()
+    assert f"note: the {rule.label} fuse reads every level at every cell" in printed.getvalue()
     assert predictor.sparse_inference is False
     images = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
@@ -258,7 +313,7 @@ def test_sparse_inference_falls_back_to_dense_for_rules_that_read_every_level(ru
     assert torch.equal(dense[0], asked_sparse[0]) and torch.equal(dense[1], asked_sparse[1])
     assert torch.equal(dense[1], level_map)  # the net's own rule
     with pytest.raises(
-        ValueError, match=f"the {rule} fuse reads every level at every cell: use the dense forward"
+        ValueError, match=f"the {rule.label} fuse reads every level at every cell: use the dense forward"
     ):
         net.sparse_forward(images, 0.9)
 

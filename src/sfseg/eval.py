@@ -36,7 +36,7 @@ from sfseg.inference import (
     write_tau_sweep,
     write_unity_calibration,
 )
-from sfseg.pyramid import TAU_FUSE_RULES, check_tau
+from sfseg.pyramid import check_tau
 from sfseg.runs import checkpoint_run_folder, write_json
 from sfseg.visualize import fig3_figure, save_figure, table9_figure
 
@@ -77,9 +77,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.tau is not None:
         predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
     taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
-    if (taus or cfg.eval.tau is not None) and predictor.fuse_rule not in TAU_FUSE_RULES:
+    if (taus or cfg.eval.tau is not None) and not predictor.fuse_rule.reads_tau:
         print(
-            f"note: the {predictor.fuse_rule} fuse does not read tau; eval.tau and eval.tau_sweep leave it as is"
+            f"note: the {predictor.fuse_rule.label} fuse does not read tau; eval.tau and eval.tau_sweep leave "
+            "it as is"
         )
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
@@ -102,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "autocast": predictor.autocast,
             "tau": predictor.tau,
             "checkpoint_tau": checkpoint_tau,
-            "fuse_rule": predictor.fuse_rule,
+            "fuse_rule": predictor.fuse_rule.label,
         },
         "headroom": evaluation.headroom(),
     }
@@ -120,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     print("\n" + per_class_table(scores))
     print(
-        f"\n{evaluation.num_images} images, {settings.describe()}, {predictor.fuse_rule} fuse, tau={predictor.tau:g}"
+        f"\n{evaluation.num_images} images, {settings.describe()}, {predictor.fuse_rule.label} fuse, tau={predictor.tau:g}"
     )
     print(headroom_line(metrics["headroom"], predictor.levels))
     if taus:

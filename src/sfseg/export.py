@@ -49,7 +49,7 @@ def run(cfg: DictConfig) -> ExportedModel:
     )
     print(f"\nexported {exported.describe()}")
     print(
-        f"{predictor.fuse_rule} fuse, tau={predictor.tau:g} ({source}), L={predictor.levels} levels, {predictor.num_classes} classes, "
+        f"{predictor.fuse_rule.label} fuse, tau={predictor.tau:g} ({source}), L={predictor.levels} levels, {predictor.num_classes} classes, "
         f"H and W multiples of {predictor.net.size_divisor}"
         + ("" if cfg.dynamic or cfg.format == "torchscript" else f", fixed size {size[0]}x{size[1]}")
     )

@@ -25,12 +25,11 @@ SEMANTIC_LOSSES = ("ce", "ohem")  # model.loss.name: Eq. 1's plain CE, or HRNet-
 # weighted by the probability that it is the coarsest unity level; `learned`, weights from a small gate
 # trained on the detached pyramids (models.heads.FuseGate).
 FUSE_RULES = ("hard", "soft", "learned")
-# Rules that take each finest cell from one level that the unity pyramid alone picks: only these allow
-# sparse inference (each level computed where it is kept).
-SPARSE_FUSE_RULES = ("hard",)
-TAU_FUSE_RULES = ("hard",)  # the rules that read tau (the others ignore it)
-# Rules that need no trained part: evaluation scores each of them on the same pyramids.
-TRAINING_FREE_FUSE_RULES = ("hard", "soft")
+# model.fuse.upsample: how a coarser level's semantic map reaches the finest cells (Eq. 2's Up()).
+UPSAMPLE_MODES = ("nearest", "bilinear")
+# Each rule's Up() unless model.fuse.upsample says otherwise: nearest for Eq. 2 (DESIGN 1) and its soft
+# reading, bilinear for the learned fuse (docs/fuse.md says why).
+DEFAULT_UPSAMPLE = {"hard": "nearest", "soft": "nearest", "learned": "bilinear"}
 
 
 def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[int]:
@@ -223,34 +222,79 @@ def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
     return masked.reshape(target.shape)
 
 
-def check_fuse_rule(rule: str, key: str = "model.fuse.name") -> str:
-    """A fuse rule of FUSE_RULES; `key` names the setting in the error."""
-    if rule not in FUSE_RULES:
-        raise ValueError(f"{key}={rule!r} is not one of {', '.join(FUSE_RULES)}")
-    return rule
+@dataclass(frozen=True)
+class FuseRule:
+    """How the two pyramids become one prediction (model.fuse, docs/fuse.md): the rule's name
+    (FUSE_RULES) and Up(), how a coarser level's semantic map reaches the finest cells (UPSAMPLE_MODES;
+    None: the rule's DEFAULT_UPSAMPLE)."""
+
+    name: str = "hard"
+    upsample: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in FUSE_RULES:
+            raise ValueError(f"model.fuse.name={self.name!r} is not one of {', '.join(FUSE_RULES)}")
+        if self.upsample is None:
+            object.__setattr__(self, "upsample", DEFAULT_UPSAMPLE[self.name])
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(
+                f"model.fuse.upsample={self.upsample!r} is not one of {', '.join(UPSAMPLE_MODES)}"
+            )
+
+    @property
+    def label(self) -> str:
+        """The rule's name, with its Up() when that is not the rule's default (e.g. hard_bilinear)."""
+        return self.name if self.upsample == DEFAULT_UPSAMPLE[self.name] else f"{self.name}_{self.upsample}"
+
+    @property
+    def sparse(self) -> bool:
+        """Whether sparse inference computes this fuse exactly: each finest cell comes from one level that
+        the unity pyramid alone picks and reads that level's own cell only (Eq. 2 with nearest Up)."""
+        return self.name == "hard" and self.upsample == "nearest"
+
+    @property
+    def reads_tau(self) -> bool:
+        return self.name == "hard"
+
+    @property
+    def trained(self) -> bool:
+        """Whether the rule has a part trained with the net (the learned fuse's gate)."""
+        return self.name == "learned"
+
+
+# The rules that need no trained part: evaluation scores each of them on the same pyramids.
+TRAINING_FREE_FUSE_RULES = (
+    FuseRule("hard"),
+    FuseRule("soft"),
+    FuseRule("hard", "bilinear"),
+    FuseRule("soft", "bilinear"),
+)
 
 
 def fuse(
     semantic_logits: list[Tensor],
     unity_logits: list[Tensor],
     tau: float = 0.9,
-    rule: str = "hard",
+    rule: FuseRule | str = "hard",
     gate_logits: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Fuse the two pyramids into one prediction at the finest level with `rule` (docs/fuse.md).
+    """Fuse the two pyramids into one prediction at the finest level with `rule` (docs/fuse.md; a name
+    takes the rule's default Up()).
 
     hard (Eq. 2, the default): each finest cell takes the semantic logits of the coarsest level whose
-        predicted unity >= tau; level L always accepts. Up() is nearest-neighbour.
+        predicted unity >= tau; level L always accepts.
     soft: each level's class probabilities weighted by u_l * prod_{k<l} (1 - u_k) (u: predicted unity
         probability; level L takes prod_{k<L} (1 - u_k)); tau is not read.
     learned: each level's class probabilities weighted by softmax(gate_logits) over the levels, the
         [B, L, h_L, w_L] output of the net's fuse gate (`PyramidOutput.gate_logits`); tau is not read.
+    Up() (rule.upsample): nearest repeats a coarse cell over its finest cells; bilinear interpolates each
+    level's logits to the finest cells, as "level l alone" is upsampled to the image.
 
     Returns the fused logits [B, C, h_L, w_L] (soft, learned: the log of the mixed probabilities, in
     float32) and the level map [B, h_L, w_L], levels 0..L-1 (0 = coarsest): the level each finest cell
     was taken from (soft, learned: the level of the largest weight).
     """
-    check_fuse_rule(rule, "fuse rule")
+    rule = FuseRule(rule) if isinstance(rule, str) else rule
     levels = len(semantic_logits)
     if len(unity_logits) != levels - 1:
         raise ValueError(
@@ -259,9 +303,15 @@ def fuse(
     if levels == 1:  # one level: every rule takes it
         finest = semantic_logits[0]
         return finest, finest.new_zeros(finest.shape[:1] + finest.shape[2:], dtype=torch.long)
-    if rule == "hard":
-        return _hard_fuse(semantic_logits, unity_logits, tau)
-    if rule == "soft":
+    if rule.name == "hard":
+        fused, level_map = _hard_fuse(semantic_logits, unity_logits, tau)
+        if rule.upsample == "bilinear":
+            upsampled = upsample_levels(semantic_logits, "bilinear")
+            fused = upsampled[0]
+            for level in range(1, levels):
+                fused = torch.where((level_map == level).unsqueeze(1), upsampled[level], fused)
+        return fused, level_map
+    if rule.name == "soft":
         log_weights = soft_level_log_weights(unity_logits, levels)
     else:
         if gate_logits is None:
@@ -270,7 +320,26 @@ def fuse(
                 "output has none: the net was built without model/fuse=learned"
             )
         log_weights = gate_logits.float().log_softmax(1)
-    return mix_levels(semantic_logits, log_weights), log_weights.argmax(1)
+    probabilities = [logits.softmax(1) for logits in upsample_levels(semantic_logits, rule.upsample)]
+    return mix_levels(probabilities, log_weights), log_weights.argmax(1)
+
+
+def upsample_levels(semantic_logits: list[Tensor], mode: str) -> list[Tensor]:
+    """Each level's logits at the finest cells, [B, C, h_L, w_L] float32 (Up() of `fuse`): nearest repeats
+    each cell; bilinear interpolates (align_corners=False, as the upsampling to the image)."""
+    size = semantic_logits[-1].shape[-2:]
+    factors = [stride // FINEST_STRIDE for stride in level_strides(len(semantic_logits))]
+    if mode == "nearest":
+        return [
+            repeat_cells(logits.float(), factor)
+            for logits, factor in zip(semantic_logits, factors, strict=True)
+        ]
+    return [
+        logits.float()
+        if factor == 1
+        else F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        for logits, factor in zip(semantic_logits, factors, strict=True)
+    ]
 
 
 def _hard_fuse(
@@ -312,32 +381,23 @@ def soft_level_log_weights(unity_logits: list[Tensor], num_levels: int) -> Tenso
     return torch.stack(log_weights, 1)
 
 
-def mix_levels(semantic_logits: list[Tensor], log_weights: Tensor) -> Tensor:
-    """log(sum_l w_l * Up(softmax(Y^l))) [B, C, h_L, w_L] in float32: the levels' class probabilities
-    mixed per finest cell with weights exp(log_weights) [B, L, h_L, w_L] (summing to 1 over L), Up()
-    nearest. A log, so it serves as logits (its softmax is the mixture itself)."""
-    factors = [stride // FINEST_STRIDE for stride in level_strides(len(semantic_logits))]
+def mix_levels(probabilities: list[Tensor], log_weights: Tensor) -> Tensor:
+    """log(sum_l w_l * p_l) [B, C, h_L, w_L] in float32: the levels' class probabilities at the finest
+    cells (L maps [B, C, h_L, w_L]) mixed per cell with weights exp(log_weights) [B, L, h_L, w_L] (summing
+    to 1 over L). A log, so it serves as logits (its softmax is the mixture itself)."""
     weights = log_weights.exp()
-    mixed: Tensor | None = None
-    for level, (logits, factor) in enumerate(zip(semantic_logits, factors, strict=True)):
-        term = repeat_cells(logits.float().softmax(1), factor) * weights[:, level : level + 1]
-        mixed = term if mixed is None else mixed + term
+    mixed = sum(p * weights[:, level : level + 1] for level, p in enumerate(probabilities))
     return mixed.clamp(min=torch.finfo(torch.float32).tiny).log()
 
 
-def fuse_features(semantic_logits: list[Tensor], unity_logits: list[Tensor]) -> Tensor:
-    """What the learned fuse's gate reads per finest cell, [B, 4L-2, h_L, w_L] float32, each in [0, 1]:
-    per level its top class probability (L) and normalised entropy (L), per level l < L the probability
-    that it agrees with the finest level, sum_c p_l(c) p_L(c) (L-1), and its unity probability (L-1).
-    The levels' maps are taken at the finest cells (nearest)."""
-    levels = len(semantic_logits)
-    factors = [stride // FINEST_STRIDE for stride in level_strides(levels)]
-    num_classes = semantic_logits[0].shape[1]
-    max_entropy = math.log(max(num_classes, 2))
-    probabilities = [
-        repeat_cells(logits.float().softmax(1), factor)
-        for logits, factor in zip(semantic_logits, factors, strict=True)
-    ]
+def fuse_features(probabilities: list[Tensor], unity_logits: list[Tensor]) -> Tensor:
+    """What the learned fuse's gate reads per finest cell, [B, 4L-2, h_L, w_L] float32, each in [0, 1],
+    from the levels' class probabilities at the finest cells (L maps [B, C, h_L, w_L]) and the unity
+    logits: per level its top class probability (L) and normalised entropy (L), per level l < L the
+    probability that it agrees with the finest level, sum_c p_l(c) p_L(c) (L-1), and its unity
+    probability (nearest, L-1)."""
+    factors = [stride // FINEST_STRIDE for stride in level_strides(len(probabilities))]
+    max_entropy = math.log(max(probabilities[0].shape[1], 2))
     top = [p.amax(1) for p in probabilities]
     entropy = [-(p * p.clamp(min=1e-12).log()).sum(1) / max_entropy for p in probabilities]
     agreement = [(p * probabilities[-1]).sum(1) for p in probabilities[:-1]]

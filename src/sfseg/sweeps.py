@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from sfseg.analysis import class_iou, specialization_miou
+from sfseg.pyramid import FuseRule
 
 DEFAULT_METRICS = ("mIoU", "mIoU_finest")
 # The fuse's headroom columns (docs/fuse.md): metric, header. mIoU_fuse_<rule>: that rule on the same
@@ -46,6 +47,8 @@ HEADROOM_COLUMNS = (
     ("mIoU", "fused"),
     ("mIoU_fuse_hard", "hard"),
     ("mIoU_fuse_soft", "soft"),
+    ("mIoU_fuse_hard_bilinear", "hard, bilinear Up"),
+    ("mIoU_fuse_soft_bilinear", "soft, bilinear Up"),
     ("mIoU_fuse_learned", "learned"),
     ("mIoU_level1", "level 1 alone"),
     ("mIoU_best_level", "best single level"),
@@ -412,8 +415,11 @@ def write_mechanism_report(
 
 
 def fuse_rule_of(run: Mapping[str, Any]) -> str:
-    """The job's fuse rule (model.fuse.name); `hard` for jobs from before it was a setting."""
-    return config_value(run["config"], "model.fuse.name") or "hard"
+    """The job's fuse rule (`FuseRule.label` of model.fuse); `hard` for jobs from before it was a setting."""
+    return FuseRule(
+        config_value(run["config"], "model.fuse.name") or "hard",
+        config_value(run["config"], "model.fuse.upsample"),
+    ).label
 
 
 def headroom_rows(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
@@ -480,8 +486,9 @@ def headroom_markdown(runs: Sequence[dict[str, Any]], groups: Mapping[str, Seque
         for row in headroom_rows(runs, [])
     )
     lines += [
-        "Mean ± spread over seeds. fused: the job's own fuse rule (model.fuse.name); hard, soft, learned: "
-        "that rule applied to the same pyramids (learned: only jobs that trained its gate); level 1 alone: "
+        "Mean ± spread over seeds. fused: the job's own fuse rule (model.fuse); hard, soft, learned: that "
+        "rule applied to the same pyramids (hard and soft with Eq. 2's nearest Up() unless marked bilinear; "
+        "learned: only jobs that trained its gate, with its own Up()); level 1 alone: "
         "level 1's prediction, upsampled; best single level: each job's best level by mIoU over all classes "
         f"(per job: {best}); oracle: right wherever some level's own prediction is (docs/fuse.md). missed: "
         "the share of all valid pixels that the fused output gets wrong while some level gets them right, "

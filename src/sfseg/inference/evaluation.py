@@ -30,7 +30,7 @@ from sfseg.inference.pixels import (
 )
 from sfseg.metrics import PyramidMetrics, SegmentationMetrics, TauSweepMetrics, UnityCalibration
 from sfseg.models import PyramidOutput
-from sfseg.pyramid import TAU_FUSE_RULES, build_targets, level_strides
+from sfseg.pyramid import FuseRule, build_targets, level_strides
 from sfseg.runs import write_json
 from sfseg.visualize import percent, save_figure, tau_sweep_figure, unity_calibration_figure
 
@@ -52,7 +52,7 @@ class Evaluation:
     num_images: int
     calibration: UnityCalibration
     sweep: TauSweepMetrics | None = None
-    fuse_rule: str = "hard"
+    fuse_rule: FuseRule = field(default_factory=FuseRule)
     # Measured time: "evaluation" (the loop without data loading) and "tau_sweep" (its re-fuses).
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -72,7 +72,7 @@ class Evaluation:
         """The single-scale pass's fused mIoU beside its headroom, as written to metrics.json["headroom"]
         (docs/fuse.md): the fuse rule, each level alone, the best single level, the oracle fuse, the
         shares of pixels the fuse missed, and the mIoU of every compared rule on the same pyramids."""
-        return {"fuse_rule": self.fuse_rule, **self.pyramid.headroom()}
+        return {"fuse_rule": self.fuse_rule.label, **self.pyramid.headroom()}
 
     def per_class_headroom(self) -> dict[str, dict[str, float]]:
         """Per class (by name), from the single-scale pass: the IoU of each level's own prediction
@@ -204,7 +204,8 @@ def evaluate(
     device, tau = predictor.device, predictor.tau
     classes, levels, ignore = predictor.num_classes, predictor.levels, predictor.ignore_index
     prediction = SegmentationMetrics(classes, ignore).to(device)
-    pyramid = PyramidMetrics(classes, levels, tau, ignore, compared_rules(predictor.net)).to(device)
+    rules = compared_rules(predictor.net)
+    pyramid = PyramidMetrics(classes, levels, tau, ignore, [rule.label for rule in rules]).to(device)
     calibration = UnityCalibration(levels, calibration_bins, ignore).to(device)
     sweep = TauSweepMetrics(classes, levels, tau_sweep, ignore).to(device) if tau_sweep else None
     clock = _Stopwatch(device)
@@ -218,7 +219,7 @@ def evaluate(
             )
         with clock("evaluation"), predictor.autocast_context():
             fused_pred, finest_pred = _score_pyramid(
-                predictor, images, labels, pyramid, calibration, sweep, clock
+                predictor, images, labels, pyramid, rules, calibration, sweep, clock
             )
             if settings.single_pass:
                 pred = fused_pred if settings.fuse else finest_pred
@@ -243,6 +244,7 @@ def _score_pyramid(
     images: Tensor,
     labels: Tensor,
     metrics: PyramidMetrics,
+    rules: Sequence[FuseRule],
     calibration: UnityCalibration,
     sweep: TauSweepMetrics | None,
     clock: _Stopwatch,
@@ -267,7 +269,7 @@ def _score_pyramid(
         unity_logits=out.unity,
         unity_targets=unity_targets,
         level_map=level_map,
-        rule_preds=rule_predictions(out, padded.shape[-2:], predictor.tau, metrics.rules),
+        rule_preds=rule_predictions(out, padded.shape[-2:], predictor.tau, rules),
     )
     calibration.update(out.unity, unity_targets)
     if sweep is not None:
@@ -276,7 +278,7 @@ def _score_pyramid(
     return fused_pred[..., :height, :width], level_preds[-1][..., :height, :width]
 
 
-def _sweep_taus(out: PyramidOutput, labels: Tensor, sweep: TauSweepMetrics, rule: str) -> None:
+def _sweep_taus(out: PyramidOutput, labels: Tensor, sweep: TauSweepMetrics, rule: FuseRule) -> None:
     """Fuse the same pyramid output with `rule` at every tau of the sweep and score it against labels
     [B, H, W] (a rule that does not read tau gives the same row at every tau)."""
     for index, tau in enumerate(sweep.taus):
@@ -358,8 +360,8 @@ def write_tau_sweep(folder: Path, evaluation: Evaluation, checkpoint_tau: float)
             + " |"
         )
     seconds = evaluation.seconds
-    if evaluation.fuse_rule not in TAU_FUSE_RULES:
-        lines += ["", f"The {evaluation.fuse_rule} fuse does not read τ: every row is the same fuse."]
+    if not evaluation.fuse_rule.reads_tau:
+        lines += ["", f"The {evaluation.fuse_rule.label} fuse does not read τ: every row is the same fuse."]
     lines += [
         "",
         f"{evaluation.num_images} images. Level columns: the share of finest cells the fused map takes from "

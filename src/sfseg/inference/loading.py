@@ -24,7 +24,7 @@ from sfseg.data.transforms import val_transform
 from sfseg.inference.passes import image_logits, sparse_applies, whole_logits
 from sfseg.inference.pixels import fused_logits, pad_to_divisor
 from sfseg.models import PyramidSegmenter
-from sfseg.pyramid import IGNORE_INDEX
+from sfseg.pyramid import IGNORE_INDEX, FuseRule
 from sfseg.runs import run_data_config
 from sfseg.visualize import pyramid_figure
 
@@ -90,14 +90,14 @@ class Predictor:
         self.net = self.net.to(self.device).eval()
         if self.sparse_inference and not sparse_applies(self.net):
             print(
-                f"note: the {self.fuse_rule} fuse reads every level at every cell; sparse inference applies "
+                f"note: the {self.fuse_rule.label} fuse reads every level at every cell; sparse inference applies "
                 "to the hard fuse only, so this model runs dense"
             )
             self.sparse_inference = False
 
     @property
-    def fuse_rule(self) -> str:
-        """The net's fuse rule (model.fuse.name of its training run): hard, soft or learned."""
+    def fuse_rule(self) -> FuseRule:
+        """The net's fuse rule (model.fuse of its training run)."""
         return self.net.fuse_rule
 
     @property

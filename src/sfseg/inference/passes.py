@@ -5,7 +5,7 @@ Each pass is sparse by default (`sparse=True`, `eval.sparse_inference`): the fus
 each level's logits where the fuse keeps them, so `PyramidSegmenter.sparse_forward` computes the
 levels' per-cell work there only. The fused logits and level map are the dense path's. Only the hard
 fuse (Eq. 2) allows it: the soft and learned fuses read every level at every cell, so a net with one
-of those rules runs dense."""
+of those rules (or Eq. 2 with bilinear Up(), which reads neighbouring cells) runs dense."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from sfseg.data.transforms import size_pair
 from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor, upsample
-from sfseg.pyramid import SPARSE_FUSE_RULES
+from sfseg.pyramid import FuseRule
 
 EVAL_MODES = ("whole", "slide")
 
@@ -87,13 +87,14 @@ def image_logits(
     reads every level at every cell (`sparse_applies`) run dense.
     """
     out = net.sparse_forward(images, tau) if sparse and fuse_levels and sparse_applies(net) else net(images)
-    return fused_logits(out, images.shape[-2:], tau, fuse_levels, getattr(net, "fuse_rule", "hard"))
+    return fused_logits(out, images.shape[-2:], tau, fuse_levels, getattr(net, "fuse_rule", FuseRule()))
 
 
 def sparse_applies(net: nn.Module) -> bool:
     """Whether sparse inference can compute `net`'s fused output: it has a sparse forward and its fuse
-    rule takes each finest cell from one level that the unity pyramid picks (the hard fuse)."""
-    return hasattr(net, "sparse_forward") and getattr(net, "fuse_rule", "hard") in SPARSE_FUSE_RULES
+    rule takes each finest cell from one level's own cell that the unity pyramid picks
+    (`FuseRule.sparse`: Eq. 2 with nearest Up())."""
+    return hasattr(net, "sparse_forward") and getattr(net, "fuse_rule", FuseRule()).sparse
 
 
 def whole_logits(

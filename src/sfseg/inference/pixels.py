@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sfseg.models import PyramidOutput, PyramidSegmenter
-from sfseg.pyramid import TRAINING_FREE_FUSE_RULES, fuse
+from sfseg.pyramid import TRAINING_FREE_FUSE_RULES, FuseRule, fuse
 
 
 def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -25,7 +25,11 @@ def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def fused_logits(
-    out: PyramidOutput, size: Sequence[int], tau: float = 0.9, fuse_levels: bool = True, rule: str = "hard"
+    out: PyramidOutput,
+    size: Sequence[int],
+    tau: float = 0.9,
+    fuse_levels: bool = True,
+    rule: FuseRule | str = "hard",
 ) -> tuple[Tensor, Tensor]:
     """Fused logits (`pyramid.fuse` with `rule`; Eq. 2 for `hard`) upsampled bilinearly to `size`,
     [B, C, *size] float32, and the level map [B, h_L, w_L] (which level each finest cell was taken from,
@@ -44,14 +48,14 @@ def fused_logits(
     return upsample(logits, size), level_map
 
 
-def compared_rules(net: PyramidSegmenter) -> tuple[str, ...]:
+def compared_rules(net: PyramidSegmenter) -> tuple[FuseRule, ...]:
     """The fuse rules that evaluation scores on the same pyramids of `net`: every rule that needs no
-    training, and `learned` when the net has a trained fuse gate."""
-    return TRAINING_FREE_FUSE_RULES + (("learned",) if net.fuse_gate is not None else ())
+    training, and the net's own rule when it has a trained part (the learned fuse's gate)."""
+    return TRAINING_FREE_FUSE_RULES + ((net.fuse_rule,) if net.fuse_rule.trained else ())
 
 
 def rule_predictions(
-    out: PyramidOutput, size: Sequence[int], tau: float, rules: Sequence[str]
+    out: PyramidOutput, size: Sequence[int], tau: float, rules: Sequence[FuseRule]
 ) -> list[Tensor]:
     """The fused class map [B, *size] of each rule on the same pyramid output."""
     return [fused_logits(out, size, tau, rule=rule)[0].argmax(1) for rule in rules]

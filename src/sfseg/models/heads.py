@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from sfseg.models.context import DeferredLevel, build_context, deferred_levels
 from sfseg.models.layers import conv_bn_relu
-from sfseg.pyramid import fuse_features, repeat_cells, soft_level_log_weights
+from sfseg.pyramid import fuse_features, repeat_cells, soft_level_log_weights, upsample_levels
 
 
 class ConvBlock(nn.Sequential):
@@ -65,13 +65,13 @@ class FuseGate(nn.Module):
     weighs the levels' class probabilities (`pyramid.fuse(..., rule="learned")`).
 
     It reads the pyramids detached (`pyramid.fuse_features`: each level's confidence, entropy,
-    agreement with the finest level and unity probability), so training it leaves the pyramids as
-    they are. A per-cell MLP whose output is added to the soft fuse's log weights; its last layer
-    starts at zero, so an untrained gate is the soft fuse, and training learns where to trust which
-    level more (docs/fuse.md). Needs L >= 2.
+    agreement with the finest level and unity probability, the levels' maps brought to the finest cells
+    by `upsample`, the fuse's Up()), so training it leaves the pyramids as they are. A per-cell MLP whose
+    output is added to the soft fuse's log weights; its last layer starts at zero, so an untrained gate
+    is the soft fuse, and training learns where to trust which level more (docs/fuse.md). Needs L >= 2.
     """
 
-    def __init__(self, num_levels: int, hidden_channels: int = 32) -> None:
+    def __init__(self, num_levels: int, hidden_channels: int = 32, upsample: str = "bilinear") -> None:
         super().__init__()
         if num_levels < 2:
             raise ValueError(
@@ -80,6 +80,7 @@ class FuseGate(nn.Module):
         if hidden_channels < 1:
             raise ValueError(f"model.fuse.hidden_channels must be >= 1, got {hidden_channels}")
         self.num_levels = num_levels
+        self.upsample = upsample
         features = 4 * num_levels - 2
         self.mlp = nn.Sequential(
             nn.Conv2d(features, hidden_channels, 1),
@@ -93,8 +94,9 @@ class FuseGate(nn.Module):
         """Level logits [B, L, h_L, w_L] (float32) from the pyramids' logits."""
         semantic = [logits.detach() for logits in semantic]
         unity = [logits.detach() for logits in unity]
+        probabilities = [logits.softmax(1) for logits in upsample_levels(semantic, self.upsample)]
         prior = soft_level_log_weights(unity, self.num_levels)
-        return prior + self.mlp(fuse_features(semantic, unity)).float()
+        return prior + self.mlp(fuse_features(probabilities, unity)).float()
 
 
 class CellGather:
