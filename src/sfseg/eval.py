@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sfseg import CONFIG_DIR
 from sfseg.inference import (
     InferenceSettings,
+    Predictor,
     autocast,
     evaluate,
     load,
@@ -66,13 +67,7 @@ OmegaConf.register_new_resolver("sfseg_eval_folder", default_eval_folder, replac
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on `cfg.data`'s val split; write and return the metrics."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    settings = InferenceSettings.from_config(cfg.eval)
-    device = resolve_device(cfg.eval.device)
-    autocast(device, cfg.eval.autocast)  # validates the key before the long part
-    predictor = load(
-        cfg.ckpt_path, device=device, autocast=cfg.eval.autocast, sparse_inference=settings.sparse
-    )
-    settings = replace(settings, sparse=predictor.sparse_inference)  # dense when the rule needs it
+    predictor, settings = load_predictor(cfg)
     checkpoint_tau = predictor.tau
     if cfg.eval.tau is not None:
         predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
@@ -129,6 +124,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for path in written:
         print(f"  {path}")
     return metrics
+
+
+def load_predictor(cfg: DictConfig) -> tuple[Predictor, InferenceSettings]:
+    """The checkpoint's predictor and the `eval` settings, with sparse inference off when the model's
+    fuse rule needs every level at every cell (the predictor says so in one line)."""
+    settings = InferenceSettings.from_config(cfg.eval)
+    device = resolve_device(cfg.eval.device)
+    autocast(device, cfg.eval.autocast)  # validates the key before the long part
+    predictor = load(
+        cfg.ckpt_path, device=device, autocast=cfg.eval.autocast, sparse_inference=settings.sparse
+    )
+    return predictor, replace(settings, sparse=predictor.sparse_inference)
 
 
 def headroom_line(headroom: dict[str, Any], levels: int) -> str:
