@@ -332,7 +332,8 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
     for scope in ("all classes", "look-alike classes", "controls classes"):
         assert f"### The fuse's headroom, {scope}: mIoU (%) on the same pyramids" in markdown
     assert (
-        "| L | fuse | seeds | fused | hard | soft | level 1 alone | best single level | oracle |" in markdown
+        "| L | fuse | seeds | fused | hard | soft | hard, bilinear Up | soft, bilinear Up | level 1 alone | "
+        "best single level | oracle |" in markdown
     )
     assert markdown.count("| 4 | hard | 2 |") == 3
     goals = [line for line in markdown.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
@@ -368,10 +369,13 @@ def test_fuse_preset_trains_the_gate_and_compares_the_rules_on_the_same_pyramids
     assert {"mIoU_fuse_hard", "mIoU_fuse_soft", "mIoU_oracle", "mIoU_best_level"} <= set(metrics)
     markdown = (out / "report.md").read_text()
     assert "of the look-alike pixels have a marker of their class" in markdown
-    assert "| L | fuse | seeds | fused | hard | soft | learned | level 1 alone |" in markdown
+    assert (
+        "| fused | hard | soft | hard, bilinear Up | soft, bilinear Up | learned | level 1 alone |"
+        in markdown
+    )
     assert "### The fuse's headroom, look-alike classes" in markdown
     verdicts = [line for line in markdown.splitlines() if line.startswith("- ")]
-    assert len(verdicts) == 5  # hard vs level 1; soft and learned vs level 1 and vs hard
+    assert len(verdicts) == 9  # hard vs level 1; soft, hard and soft with bilinear Up, learned vs both
     assert all(line.endswith(("level 1 alone**", "hard**")) for line in verdicts)
     assert "One job: no seed spread, so a direction, not a result." in markdown
 
