@@ -53,3 +53,15 @@ def run_dir(tmp_path: Path) -> Iterator[Path]:
     path.mkdir()
     yield path
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread (on a small shared CPU box two OpenMP threads stall behind other load) and seed 0."""
+    import torch  # here: torch must load after OMP_NUM_THREADS is set above
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
-"""Tiny fake datasets in each release's real on-disk layout and raw label format.
+"""Tiny fake datasets in each release's real on-disk layout and raw label format, and data=folder trees.
 
-Images are 64x80 (H x W) JPEGs; labels are blocky (16x16 blocks of one raw value) so that the pyramid
-has unity cells. `build(name, tmp_path)` returns the data.root a datamodule reads.
+Images are 64x80 (H x W) JPEGs (Cityscapes: PNGs); labels are blocky (16x16 blocks of one raw value) so
+that the pyramid has unity cells. `build(name, tmp_path)` returns the data.root a datamodule reads.
 """
 
 from __future__ import annotations
@@ -10,10 +10,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 from scipy.io import savemat
 
-from sfseg.data.datasets import COCO_STUFF_USED_IDS, PASCAL_CONTEXT59_RAW_IDS, PASCAL_CONTEXT_VOCABULARY_SIZE
+from sfseg.data.datasets import (
+    CITYSCAPES_NUM_LABEL_IDS,
+    COCO_STUFF_USED_IDS,
+    PASCAL_CONTEXT59_RAW_IDS,
+    PASCAL_CONTEXT_VOCABULARY_SIZE,
+)
 from sfseg.data.prepare import convert_coco_stuff10k, convert_pascal_context59
 
 HEIGHT, WIDTH = 64, 80
@@ -34,8 +40,10 @@ def write_image(path: Path, rng: np.random.Generator, height: int = HEIGHT, widt
 
 
 def write_label(path: Path, label: np.ndarray) -> None:
+    """An 8-bit single-channel PNG, or a 16-bit one for a uint16 label, or RGB for HxWx3 colours."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(label.astype(np.uint8), mode="L").save(path)
+    label = label if label.dtype == np.uint16 else label.astype(np.uint8)
+    Image.fromarray(label).save(path)
 
 
 def write_list(path: Path, ids: list[str]) -> None:
@@ -120,11 +128,100 @@ def make_pascal_context59(root: Path, seed: int = 0) -> Path:
     return devkit
 
 
+CITYSCAPES_FRAMES = {"train": {"aachen": 2, "bochum": 2}, "val": {"frankfurt": 2}}  # frames per city
+
+
+def make_cityscapes(root: Path, seed: int = 0) -> Path:
+    """leftImg8bit and gtFine in their city folders, labelIds 0..33 (19 evaluated, the others ignored),
+    and the gtFine files next to them that the layout does not read."""
+    rng = np.random.default_rng(seed)
+    root = root / "cityscapes"
+    for split, cities in CITYSCAPES_FRAMES.items():
+        for city, frames in cities.items():
+            for frame in range(frames):
+                name = f"{city}_000000_{frame:06d}"
+                write_image(root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png", rng)
+                label_ids = blocky(rng, np.arange(CITYSCAPES_NUM_LABEL_IDS))
+                write_label(root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png", label_ids)
+                write_label(root / "gtFine" / split / city / f"{name}_gtFine_instanceIds.png", label_ids)
+                (root / "gtFine" / split / city / f"{name}_gtFine_polygons.json").write_text("{}")
+    return root
+
+
+# data=folder: raw ids with reduce_zero_label and a list file (mmsegmentation's ADE20K-style layout).
+FOLDER_IDS_CLASSES = ("field", "road", "roof", "water")
+FOLDER_IDS_SPLITS = {"training": ["a1", "a2", "a3", "a4"], "validation": ["b1", "b2"]}
+
+
+def make_folder_ids(root: Path, seed: int = 0) -> Path:
+    """images/{split}/<id>.jpg, annotations/{split}/<id>.png (0 = unlabeled, 1..4, 255 = border),
+    lists/{split}.txt, classes.txt; each split folder also holds an image its list leaves out."""
+    rng = np.random.default_rng(seed)
+    root = root / "aerial"
+    for split, ids in FOLDER_IDS_SPLITS.items():
+        write_list(root / "lists" / f"{split}.txt", ids)
+        for sample_id in [*ids, f"unlisted_{split}"]:
+            write_image(root / "images" / split / f"{sample_id}.jpg", rng)
+            label = blocky(rng, np.arange(len(FOLDER_IDS_CLASSES) + 1))
+            label[:2] = 255
+            write_label(root / "annotations" / split / f"{sample_id}.png", label)
+    (root / "classes.txt").write_text("".join(f"{name}\n" for name in FOLDER_IDS_CLASSES))
+    return root
+
+
+FOLDER_IDS_OVERRIDES = [
+    "data=folder",
+    "data.image_dir='images/{split}'",
+    "data.label_dir='annotations/{split}'",
+    "data.list_file='lists/{split}.txt'",
+    "data.train_split=training",
+    "data.val_split=validation",
+    "data.classes=classes.txt",
+    "data.reduce_zero_label=true",
+]
+
+# data=folder: colour labels with a _gt.png suffix, a YAML classes file with a palette, black = ignore.
+FOLDER_COLOUR_CLASSES = {"cell": (255, 0, 0), "nucleus": (0, 255, 0), "background": (0, 0, 255)}
+FOLDER_IGNORE_COLOUR = (0, 0, 0)
+
+
+def make_folder_colours(root: Path, seed: int = 0) -> Path:
+    """img/{split}/<id>.png and gt/{split}/<id>_gt.png in the palette's colours (and black), classes.yaml."""
+    rng = np.random.default_rng(seed)
+    root = root / "microscopy"
+    colours = np.array([*FOLDER_COLOUR_CLASSES.values(), FOLDER_IGNORE_COLOUR], dtype=np.uint8)
+    for split, count in (("train", 4), ("val", 2)):
+        for i in range(count):
+            write_image(root / "img" / split / f"slide{i}.png", rng)
+            write_label(
+                root / "gt" / split / f"slide{i}_gt.png", colours[blocky(rng, np.arange(len(colours)))]
+            )
+    classes = {
+        "classes": list(FOLDER_COLOUR_CLASSES),
+        "palette": [list(c) for c in FOLDER_COLOUR_CLASSES.values()],
+    }
+    (root / "classes.yaml").write_text(yaml.safe_dump(classes))
+    return root
+
+
+FOLDER_COLOUR_OVERRIDES = [
+    "data=folder",
+    "data.image_dir='img/{split}'",
+    "data.label_dir='gt/{split}'",
+    "data.image_suffix=.png",
+    "data.label_suffix=_gt.png",
+    "data.classes=classes.yaml",
+    "data.label_format=colors",
+    f"data.ignore_values=[{list(FOLDER_IGNORE_COLOUR)}]",
+]
+
+
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "ade20k": make_ade20k,
     "coco_stuff10k": make_coco_stuff10k,
     "coco_stuff164k": make_coco_stuff164k,
     "pascal_context59": make_pascal_context59,
+    "cityscapes": make_cityscapes,
 }
 
 

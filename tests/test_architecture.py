@@ -22,75 +22,145 @@ ENTRY_POINTS = {
     "sfseg.data.prepare",
     "sfseg.data.validate",
     "sfseg.data.browse",
+    "sfseg.gpu_check",
+    "sfseg.wheelhouse",
 }
 # Library layers, upper to lower: a module may import its own layer and the layers below it.
 LIBRARY_LAYERS = (
-    ("sfseg.inference", "sfseg.module", "sfseg.runs", "sfseg.callbacks", "sfseg.sweeps"),
+    (
+        "sfseg.inference",
+        "sfseg.module",
+        "sfseg.runs",
+        "sfseg.callbacks",
+        "sfseg.sweeps",
+        "sfseg.check_runner",
+        "sfseg.check_stages",
+        "sfseg.check_report",
+    ),
     ("sfseg.models", "sfseg.data", "sfseg.metrics", "sfseg.analysis", "sfseg.visualize"),
     ("sfseg.pyramid", "sfseg"),  # `sfseg` itself holds only CONFIG_DIR
 )
 MAX_FUNCTION_LINES = 60
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(SRC).with_suffix("").parts
+def module_name(path: Path, root: Path = SRC) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def layer_of(module: str) -> int:
-    """0 for entry points, then 1.. for the library layers, upper to lower."""
+def layer_of(module: str) -> int | None:
+    """0 for entry points, then 1.. for the library layers, upper to lower; None for no layer."""
     if module in ENTRY_POINTS:
         return 0
     owners = [
         (len(package), index)
         for index, packages in enumerate(LIBRARY_LAYERS, start=1)
         for package in packages
-        if module == package or module.startswith(package + ".")
+        # `sfseg` is the package itself, not a catch-all for its modules
+        if module == package or (package != "sfseg" and module.startswith(package + "."))
     ]
-    if not owners:
-        raise AssertionError(f"{module} is in no layer: add it to LIBRARY_LAYERS (and the README)")
-    return max(owners)[1]  # the most specific package decides
+    return max(owners)[1] if owners else None  # the most specific package decides
 
 
-def sfseg_imports(path: Path) -> set[str]:
-    """Every sfseg module `path` imports, at the top or inside a function."""
+def sfseg_imports(path: Path, module: str) -> set[str]:
+    """Every sfseg module `path` (module `module`) imports, at the top or inside a function, absolute
+    or relative."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     imported = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module)
+        elif isinstance(node, ast.ImportFrom):  # from .x import y, from .. import y
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+            if node.module:
+                imported.add(f"{base}.{node.module}")
+            else:
+                imported.update(f"{base}.{alias.name}" for alias in node.names)
     return {name for name in imported if name == "sfseg" or name.startswith("sfseg.")}
+
+
+def import_violations(root: Path) -> list[str]:
+    """What breaks the layer rules in the sfseg package under `root`: a module in no layer, an import of
+    an upper layer, an entry point importing another one."""
+    problems = []
+    for path in sorted((root / "sfseg").rglob("*.py")):
+        module = module_name(path, root)
+        layer = layer_of(module)
+        if layer is None:
+            problems.append(f"{module} is in no layer: add it to LIBRARY_LAYERS (and the README)")
+            continue
+        for target in sorted(sfseg_imports(path, module)):
+            target_layer = layer_of(target)
+            if layer == 0 and target_layer == 0:
+                problems.append(
+                    f"entry point {module} imports entry point {target}: move what they share into library code"
+                )
+            elif layer > 0 and target_layer is not None and target_layer < layer:
+                problems.append(
+                    f"{module} (layer {layer}) imports {target} (layer {target_layer}), an upper layer"
+                )
+    return problems
 
 
 SOURCES = sorted((SRC / "sfseg").rglob("*.py"))
 
 
-def test_every_module_has_a_layer():
-    for path in SOURCES:
-        layer_of(module_name(path))
+def test_imports_run_one_way():
+    assert import_violations(SRC) == []
 
 
-@pytest.mark.parametrize("path", SOURCES, ids=lambda path: module_name(path))
-def test_imports_run_one_way(path: Path):
-    module = module_name(path)
-    for target in sorted(sfseg_imports(path)):
-        if layer_of(module) == 0:
-            assert layer_of(target) > 0, (
-                f"entry point {module} imports entry point {target}: move what they share into library code"
-            )
-        else:
-            assert layer_of(target) >= layer_of(module), (
-                f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)}), an upper layer"
-            )
+def write_tree(root: Path, modules: dict[str, str]) -> Path:
+    """A package tree under root: module name -> source (a name with modules under it is a package)."""
+    for name, source in modules.items():
+        path = root.joinpath(*name.split(".")).with_suffix(".py")
+        if any(other.startswith(name + ".") for other in modules):
+            path = root.joinpath(*name.split("."), "__init__.py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    return root
 
 
-def test_the_layer_rules_catch_a_wrong_import():
-    # The checks above must be able to fail: these are the imports they refuse.
-    assert layer_of("sfseg.eval") == layer_of("sfseg.train") == 0
-    assert layer_of("sfseg.pyramid") > layer_of("sfseg.models") > layer_of("sfseg.inference") > 0
-    assert layer_of("sfseg.data.datasets") == layer_of("sfseg.models.heads")
-    assert layer_of("sfseg.data.browse") == 0
+LAWFUL_TREE = {
+    "sfseg": "CONFIG_DIR = 'conf'\n",
+    "sfseg.pyramid": "import torch\n",
+    "sfseg.models": "from sfseg.models.heads import Head\n",
+    "sfseg.models.heads": "from sfseg.pyramid import fuse\nfrom . import layers\n",
+    "sfseg.models.layers": "import sfseg.pyramid\n",
+    "sfseg.inference": "from sfseg.models import heads\n",
+    "sfseg.module": "from sfseg.inference import Predictor\nfrom sfseg import CONFIG_DIR\n",
+    "sfseg.train": "from sfseg.module import Module\n",
+    "sfseg.eval": "from sfseg.inference import Predictor\n",
+}
+
+
+def test_a_lawful_tree_passes(tmp_path: Path):
+    assert import_violations(write_tree(tmp_path, LAWFUL_TREE)) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source", "problem"),
+    [
+        # the pyramid math imports a model: an upper layer
+        ("sfseg.pyramid", "from sfseg.models.heads import Head\n", "sfseg.pyramid (layer 3) imports sfseg.models.heads (layer 2), an upper layer"),
+        # a model imports inference, inside a function
+        ("sfseg.models.heads", "def build():\n    import sfseg.inference\n", "sfseg.models.heads (layer 2) imports sfseg.inference (layer 1), an upper layer"),
+        # a relative import of an upper layer
+        ("sfseg.models.layers", "from ..module import Module\n", "sfseg.models.layers (layer 2) imports sfseg.module (layer 1), an upper layer"),
+        # library code imports an entry point
+        ("sfseg.inference", "from sfseg.eval import main\n", "sfseg.inference (layer 1) imports sfseg.eval (layer 0), an upper layer"),
+        # one entry point imports another
+        ("sfseg.eval", "from sfseg.train import main\n", "entry point sfseg.eval imports entry point sfseg.train"),
+        ("sfseg.train", "import sfseg.data.browse\n", "entry point sfseg.train imports entry point sfseg.data.browse"),
+        # a module the layers do not know
+        ("sfseg.helpers", "import torch\n", "sfseg.helpers is in no layer"),
+    ],
+)  # fmt: skip
+def test_the_checker_reports_a_wrong_import(module: str, source: str, problem: str, tmp_path: Path):
+    root = write_tree(tmp_path, {**LAWFUL_TREE, module: source})
+    problems = import_violations(root)
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda path: module_name(path))

@@ -9,8 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from sfseg.bench import MODEL_VARIANTS, QUICK, checkpoint_level_shares, main, model_cases, parse_variants
+from sfseg.bench import (
+    MODEL_VARIANTS,
+    QUICK,
+    Case,
+    build_variant,
+    checkpoint_level_shares,
+    main,
+    model_cases,
+    parse_backbones,
+    parse_variants,
+    table5_rows,
+)
+from sfseg.models import PyramidSegmenter
 from tests.test_eval import train_tiny_checkpoint
 
 # ratio key -> the value it divides by FCN's
@@ -34,23 +47,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
 
 
+def quick_run(out: Path, *args: str) -> None:
+    """A --quick run writing to `out`, on one thread: on a small shared CPU box two OpenMP threads stall
+    behind other load."""
+    main(["--quick", "--threads", "1", "--out", str(out), *args])
+
+
 @pytest.mark.slow
 def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_run: Path) -> None:
-    # One thread: on a small shared CPU box two OpenMP threads stall behind other load.
-    main(
-        [
-            "--quick",
-            "--threads",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--profile",
-            "--ckpt",
-            str(trained_run / "checkpoints" / "last.ckpt"),
-            "--variants",
-            ",".join(QUICK_VARIANTS),
-        ]
-    )
+    checkpoint = str(trained_run / "checkpoints" / "last.ckpt")
+    quick_run(tmp_path, "--profile", "--ckpt", checkpoint, "--variants", ",".join(QUICK_VARIANTS))
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "targets", "fuse", "models", "profile"}
@@ -93,7 +99,17 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_r
             assert row["undecided_share"] == pytest.approx(row["level_shares"][-1], abs=0.5 / leaves + 1e-9)
             # Sparse runs fewer multiply-accumulates than the same variant dense.
             assert row["gmacs"] < rows[row["variant"]]["gmacs"]
-    assert fcn["latency_ratio"] == fcn["train_step_ratio"] == 1.0
+    # Parameters and multiply-accumulates counted here, apart from the harness: each dense model built
+    # afresh at the quick sizes, its forward pass under FlopCounterMode (fuse and upsampling add no MACs).
+    images = torch.zeros(1, 3, QUICK.image_size, QUICK.image_size)
+    for variant in ("fcn", *QUICK_VARIANTS):
+        model = build_variant(variant, QUICK).eval()
+        assert rows[variant]["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            model(images)
+        assert rows[variant]["gmacs"] == pytest.approx(counter.get_total_flops() / 2e9, rel=1e-9), variant
+    assert rows["sf_c2f"]["gmacs_ratio"] > 1  # the pyramid's heads cost more than FCN's head
     for context in SINGLE_OUTPUT:
         # The L=1 model is the pyramid's finest level alone: no unity head, fewer parameters and MACs.
         single, pyramid = rows[context], rows[f"sf_{context}"]
@@ -108,6 +124,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path, restore_threads, trained_r
         assert f"| {variant} | dense |" in markdown
     assert "(ocr, ccnet: L=1, the single output)" in markdown and "OCR's auxiliary CE x 0.4" in markdown
     assert "| sf_c2f | sparse | 0.500 |" in markdown
+    (ocr_row,) = [line for line in markdown.splitlines() if line.startswith("| ocr | dense |")]
+    assert ocr_row.split(" | ")[4] == f"{rows['ocr']['latency_ratio']:.2f}x"  # latency vs FCN
     assert "fresh process" in markdown
     assert "## Profile: sf_c2f@0.33" in markdown and "aten::" in markdown
 
@@ -125,6 +143,28 @@ def test_checkpoint_shares_are_its_validations_and_add_sparse_rows(trained_run: 
     assert all(list(case.level_shares) == shares for case in ckpt_cases)
     with pytest.raises(ValueError, match=r"--ckpt .* has L=4 levels; the benchmark's models have L=2"):
         checkpoint_level_shares(trained_run / "checkpoints" / "last.ckpt", 2, torch.device("cpu"))
+
+
+def test_table5_rows_divide_each_measure_by_fcns() -> None:
+    """Hand-made measurements: each ratio is the row's own value over FCN's (FCN is not the smallest
+    everywhere); a sparse row takes its inference measures by case and has no training columns."""
+    cases = [Case("fcn"), Case("sf_c2f"), Case("sf_c2f", (0.25, 0.25, 0.0, 0.5))]
+    measured = {
+        "latency": {"fcn": 10.0, "sf_c2f": 15.0, "sf_c2f@0.5": 12.0},
+        "memory": {"fcn": 200.0, "sf_c2f": 300.0, "sf_c2f@0.5": 150.0},
+        "gmacs": {"fcn": 4.0, "sf_c2f": 5.0, "sf_c2f@0.5": 3.0},
+        "share": {"sf_c2f@0.5": 0.5},
+        "train_step": {"fcn": 100.0, "sf_c2f": 130.0},
+        "train_memory": {"fcn": 1000.0, "sf_c2f": 1500.0},
+    }
+    fcn, dense, sparse = table5_rows(cases, measured, {"fcn": 10.0, "sf_c2f": 11.0})
+    assert (dense["latency_ratio"], dense["memory_ratio"], dense["gmacs_ratio"]) == (1.5, 1.5, 1.25)
+    assert (dense["train_step_ratio"], dense["train_memory_ratio"]) == (1.3, 1.5)
+    assert (sparse["latency_ratio"], sparse["memory_ratio"], sparse["gmacs_ratio"]) == (1.2, 0.75, 0.75)
+    assert sparse["undecided_share"] == 0.5 and sparse["level_shares"] == [0.25, 0.25, 0.0, 0.5]
+    assert "train_step_ms" not in sparse and "train_step_ratio" not in sparse
+    assert (fcn["params_m"], dense["params_m"], sparse["params_m"]) == (10.0, 11.0, 11.0)
+    assert fcn["latency_ratio"] == fcn["train_memory_ratio"] == 1.0
 
 
 def test_bench_refuses_a_missing_checkpoint(tmp_path) -> None:
@@ -152,3 +192,47 @@ def test_bench_refuses_unknown_variants(value: str, capsys: pytest.CaptureFixtur
     assert "allowed: " + ", ".join(MODEL_VARIANTS) in error
     if value != ",":
         assert "unknown hrnet_ocr" in error
+
+
+@pytest.mark.slow
+def test_backbones_table_measures_each_backbone_next_to_the_reference(tmp_path, restore_threads) -> None:
+    quick_run(tmp_path, "--backbones", "convnext_atto,vit_tiny_patch16_224")
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == {"meta", "backbones"}  # the Backbones table instead of Table 5
+    table = results["backbones"]
+    assert table["reference"] == QUICK.backbone and table["variant"] == "sf_c2f"
+    rows = {row["backbone"]: row for row in table["rows"]}
+    assert list(rows) == [QUICK.backbone, "convnext_atto", "vit_tiny_patch16_224"]
+    assert [row["adapter"] for row in rows.values()] == ["HRNetV2", "TimmStages", "TimmViT"]
+    for name, row in rows.items():
+        # The S&F model the table names: its parameters, the backbone's and the timm encoder's.
+        model = PyramidSegmenter(name, QUICK.num_classes, QUICK.num_levels, context="c2f")
+        for key, module in (("params_m", model), ("backbone_params_m", model.backbone)):
+            assert row[key] == pytest.approx(sum(p.numel() for p in module.parameters()) / 1e6)
+        assert row["backbone_params_m"] < row["params_m"] and 0 < row["backbone_gmacs"] < row["gmacs"]
+        # The fusion decoder (and the ViT's neck) adds to the timm encoder; HRNetV2's concatenation does not.
+        added = (
+            row["backbone_params_m"] - row["encoder_params_m"],
+            row["backbone_gmacs"] - row["encoder_gmacs"],
+        )
+        if name == QUICK.backbone:
+            assert added == (0, pytest.approx(0, abs=1e-6))
+        else:
+            assert min(added) > 0
+        assert row["train_step_ratio"] == pytest.approx(
+            row["train_step_ms"] / rows[QUICK.backbone]["train_step_ms"]
+        )
+    assert rows[QUICK.backbone]["train_step_ratio"] == 1.0
+
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Backbones: S&F (c2f, L=4, 150 classes)" in markdown and "| vs hrnet_w18_small |" in markdown
+    for name, row in rows.items():
+        assert f"| {name} | {row['adapter']} | 32 |" in markdown
+
+
+def test_backbones_are_a_comma_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_backbones("convnext_atto, resnet18,convnext_atto") == ("convnext_atto", "resnet18")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--backbones", " , "])
+    assert exit_info.value.code == 2 and "--backbones ' , ': give a comma list" in capsys.readouterr().err

@@ -28,6 +28,7 @@ def test_groups_have_the_documented_options():
         "local",
         "resnet101",
         "resnet101c",
+        "timm",
     ]
     assert options("model/context") == ["anl", "anl_multi", "c2f", "ccnet", "none", "ocr"]
     assert options("model/relabel") == ["naive", "oracle", "true_positive"]
@@ -48,7 +49,8 @@ def test_every_fuse_option_instantiates_and_hard_is_the_default(fuse: str, run_d
 def test_every_backbone_option_instantiates(backbone: str, run_dir: Path):
     cfg = compose_config([*TINY, f"model/backbone={backbone}"], run_dir)
     _, model, _ = build(cfg)
-    assert model.hparams.backbone["name"] == backbone
+    # model/backbone=timm takes any timm model's name; its default is ConvNeXt-T.
+    assert model.hparams.backbone["name"] == ("convnext_tiny" if backbone == "timm" else backbone)
     images = torch.zeros(1, 3, 64, 64)
     with torch.no_grad():
         out = model.eval()(images)
@@ -119,7 +121,7 @@ def test_unknown_group_option_lists_the_choices(run_dir: Path):
     ("override", "fragment"),
     [
         ("model.context.name=aspp", "model.context.name='aspp'"),
-        ("model.backbone.name=vgg16", "model.backbone.name"),
+        ("model.backbone.name=vgg17", "model.backbone.name='vgg17' is neither one of sfseg's backbones"),
         (
             "model.relabel.policy=greedy",
             "model.relabel.policy='greedy' is not one of naive, oracle, true_positive",

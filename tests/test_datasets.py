@@ -16,8 +16,10 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 from sfseg.data import real
-from sfseg.data.datasets import INVALID, LAYOUTS, LayoutError, read_label
+from sfseg.data.datasets import CITYSCAPES_LABEL_IDS, INVALID, LAYOUTS, LayoutError, read_label
+from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from sfseg.data.validate import main as validate_main
+from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX
 from tests.conftest import compose_config
 from tests.fixtures import HEIGHT, WIDTH, build, make_ade20k, write_image, write_label
@@ -27,13 +29,21 @@ DATAMODULES = {
     "coco_stuff10k": real.COCOStuff10kDataModule,
     "coco_stuff164k": real.COCOStuff164kDataModule,
     "pascal_context59": real.PascalContext59DataModule,
+    "cityscapes": real.CityscapesDataModule,
 }
-NUM_CLASSES = {"ade20k": 150, "coco_stuff10k": 171, "coco_stuff164k": 171, "pascal_context59": 59}
+NUM_CLASSES = {
+    "ade20k": 150,
+    "coco_stuff10k": 171,
+    "coco_stuff164k": 171,
+    "pascal_context59": 59,
+    "cityscapes": 19,
+}
 FIRST_CLASS = {
     "ade20k": "wall",
     "coco_stuff10k": "person",
     "coco_stuff164k": "person",
     "pascal_context59": "aeroplane",
+    "cityscapes": "road",
 }
 
 
@@ -59,6 +69,25 @@ def datamodule(name: str, root: Path, **kwargs) -> real.FileDataModule:
             {0: 0, 10: 10, 11: INVALID, 12: 11, 90: INVALID, 91: 80, 181: 170, 182: INVALID, 255: 255},
         ),
         ("pascal_context59", {0: 255, 1: 0, 59: 58, 60: INVALID, 255: 255}),
+        # cityscapesScripts' labels.py: labelId -> trainId, every other labelId 0..33 ignored.
+        (
+            "cityscapes",
+            {
+                0: 255,
+                6: 255,
+                7: 0,
+                8: 1,
+                9: 255,
+                11: 2,
+                17: 5,
+                18: 255,
+                26: 13,
+                29: 255,
+                33: 18,
+                34: INVALID,
+                255: INVALID,
+            },
+        ),
     ],
 )
 def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int, int]):
@@ -76,6 +105,7 @@ def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int
         ("coco_stuff10k", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13], 182),  # 12 is unused
         ("coco_stuff164k", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12], 181),
         ("pascal_context59", [1, 2, 3], 59),
+        ("cityscapes", [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32], 33),
     ],
 )
 def test_raw_ids_invert_the_lookup_table(name: str, first_raw_ids: list[int], last_raw_id: int):
@@ -162,7 +192,8 @@ def test_selected_by_hydra_config_with_mandatory_root(name: str, tmp_path: Path,
     cfg = compose_config([f"data={name}", f"data.root={tmp_path}"], run_dir)
     module = instantiate(cfg.data)
     assert type(module) is DATAMODULES[name]
-    assert (module.crop_size, module.val_batch_size, module.ignore_index) == (512, 1, 255)
+    crop_size = (512, 1024) if name == "cityscapes" else 512  # HRNet's Cityscapes crops; the paper's 512x512
+    assert (module.crop_size, module.val_batch_size, module.ignore_index) == (crop_size, 1, 255)
     cfg = compose_config([f"data={name}"], run_dir)
     with pytest.raises(MissingMandatoryValue, match="root"):
         instantiate(cfg.data)
@@ -279,6 +310,31 @@ def test_coco_stuff164k_ignores_mmseg_train_id_maps(tmp_path: Path):
     assert len(datamodule("coco_stuff164k", root).train_set) == 4
 
 
+def test_cityscapes_pairs_files_in_city_folders_and_ignores_the_other_label_ids(tmp_path: Path):
+    root = build("cityscapes", tmp_path)
+    module = datamodule("cityscapes", root)
+    # Both cities of train; the instanceIds, color and polygon files beside the labelIds are not read.
+    assert [(s.image.parent.name, s.label.name) for s in module.train_set.samples] == [
+        ("aachen", "aachen_000000_000000_gtFine_labelIds.png"),
+        ("aachen", "aachen_000000_000001_gtFine_labelIds.png"),
+        ("bochum", "bochum_000000_000000_gtFine_labelIds.png"),
+        ("bochum", "bochum_000000_000001_gtFine_labelIds.png"),
+    ]
+    raw = np.concatenate([read_label(sample.label).ravel() for sample in module.val_set.samples])
+    labels = np.concatenate([module.val_set[i]["label"][:, :WIDTH].numpy().ravel() for i in range(2)])
+    ignored = ~np.isin(raw, CITYSCAPES_LABEL_IDS)
+    assert ignored.any() and (~ignored).any()  # the fixture holds both kinds of labelIds
+    assert (labels[ignored] == IGNORE_INDEX).all()
+    np.testing.assert_array_equal(labels[~ignored], np.searchsorted(CITYSCAPES_LABEL_IDS, raw[~ignored]))
+
+    label = root / "gtFine" / "train" / "bochum" / "bochum_000000_000001_gtFine_labelIds.png"
+    label.unlink()
+    with pytest.raises(real.DatasetProblems) as error:
+        datamodule("cityscapes", root)
+    image = root / "leftImg8bit" / "train" / "bochum" / "bochum_000000_000001_leftImg8bit.png"
+    assert f"image without label: {image} (expected {label})" in str(error.value)
+
+
 def corrupt_image(root: Path) -> Path:
     path = root / "images" / "training" / "ADE_train_00000001.jpg"
     path.write_bytes(b"not a jpeg")
@@ -294,7 +350,7 @@ def mismatched_label(root: Path) -> Path:
 def out_of_range_label(root: Path) -> Path:
     path = root / "annotations" / "training" / "ADE_train_00000003.png"
     label = np.ones((HEIGHT, WIDTH))
-    label[5, 7], label[6, 8] = 151, 200
+    label[5, 7], label[6, 8:10] = 151, 200
     write_label(path, label)
     return path
 
@@ -310,7 +366,7 @@ def colour_label(root: Path) -> Path:
     [
         (corrupt_image, 0, r"cannot read image .*ADE_train_00000001.jpg"),
         (mismatched_label, 1, r"sizes differ: .*ADE_train_00000002.jpg is 80x64, .*ADE_train_00000002.png is 96x64"),
-        (out_of_range_label, 2, r"label values 151, 200 in .*ADE_train_00000003.png stand for no class; allowed raw values: 0-150, 255"),
+        (out_of_range_label, 2, r"label values 200 \(2 px\), 151 \(1 px\) in .*ADE_train_00000003.png stand for no class and are not ignored; allowed raw values: 0-150, 255"),
         (colour_label, 3, r"cannot read label .*ADE_train_00000004.png: expected a single-channel"),
     ],
 )  # fmt: skip
@@ -397,31 +453,126 @@ def test_experiment_follows_the_paper_protocol(experiment: str, run_dir: Path):
         assert cfg.data.subsample is None
 
 
+@pytest.mark.parametrize("experiment", ["cityscapes_hrnet48", "cityscapes_hrnet48_ohem"])
+def test_cityscapes_experiment_follows_hrnets_protocol(experiment: str, run_dir: Path):
+    import sfseg.train  # noqa: F401  (registers the per_device_batch resolver)
+
+    cfg = compose_config([f"experiment={experiment}", "data.root=/data"], run_dir)
+    assert cfg.data._target_ == "sfseg.data.real.CityscapesDataModule"
+    assert cfg.model.backbone.name == "hrnet_w48" and cfg.model.backbone.pretrained is True
+    assert dict(cfg.model.optimizer) == {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "poly_power": 0.9,
+        "head_lr_mult": 1,
+    }
+    assert (list(cfg.data.crop_size), list(cfg.data.scale_range), cfg.data.hflip) == (
+        [512, 1024],
+        [0.5, 2.1],
+        True,
+    )
+    # HRNet: 3 crops per GPU on 4 GPUs, 484 epochs of int(2975 / 12) iterations.
+    assert (cfg.global_batch_size, cfg.data.batch_size, cfg.trainer.max_steps) == (12, 12, 484 * (2975 // 12))
+    assert cfg.model.loss.name == ("ohem" if experiment.endswith("ohem") else "ce")
+    if experiment.endswith("ohem"):
+        assert (cfg.model.loss.thresh, cfg.model.loss.min_kept) == (0.9, 131072)
+    ddp = compose_config(
+        [f"experiment={experiment}", "data.root=/data", "trainer=ddp", "trainer.devices=4"], run_dir
+    )
+    assert (ddp.data.batch_size, ddp.trainer.sync_batchnorm) == (3, True)
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
+
+# Two CPU training steps on a fixture tree of 4 training images at batch 2: one epoch, then validation.
+TWO_STEPS = [
+    "trainer=cpu",
+    "trainer.max_steps=2",
+    "trainer.enable_progress_bar=false",
+    "data.crop_size=64",
+    "data.batch_size=2",
+    "data.num_workers=0",
+    "model/backbone=hrnet_w18_small",
+    "model.backbone.pretrained=false",
+    "model.semantic_channels=32",
+    "model.unity_channels=16",
+]
+
+
+def train_two_steps(data_overrides: list[str], run_dir: Path) -> SpecializeAndFuseModule:
+    """The trained module of `python -m sfseg.train <data_overrides> <TWO_STEPS>`, run in this process."""
+    from sfseg.train import build as build_run
+
+    datamodule_, model, trainer = build_run(compose_config([*data_overrides, *TWO_STEPS], run_dir))
+    trainer.fit(model, datamodule=datamodule_)
+    assert trainer.global_step == 2
+    return model
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", DATAMODULES)
 def test_trains_a_few_steps_through_the_hydra_config(name: str, tmp_path: Path, run_dir: Path):
-    from sfseg.train import build as build_run
-
-    overrides = [
-        f"data={name}",
-        f"data.root={build(name, tmp_path)}",
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.enable_progress_bar=false",
-        "data.crop_size=64",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "model/backbone=hrnet_w18_small",
-        "model.backbone.pretrained=false",
-        "model.semantic_channels=32",
-        "model.unity_channels=16",
-    ]
-    datamodule_, model, trainer = build_run(compose_config(overrides, run_dir))
-    trainer.fit(model, datamodule=datamodule_)
-    assert trainer.global_step == 2
+    model = train_two_steps([f"data={name}", f"data.root={build(name, tmp_path)}"], run_dir)
     assert model.hparams.num_classes == NUM_CLASSES[name] and model.class_names == list(LAYOUTS[name].classes)
     # 4 training images at batch 2: the epoch ends at step 2 and validates on the full padded images.
     assert 0.0 <= model.last_val_scores["mIoU"] <= 1.0
+
+
+# --- sizes: training crops and validation images fit the network, not only the pyramid -----------------
+
+# (overrides, L, the network's size divisor, the padded width of the 64x80 validation images)
+NETWORK_DIVISORS = {
+    "hrnet_L1": (["model/backbone=hrnet_w18_small"], 1, 32, 96),
+    "hrnet_L2": (["model/backbone=hrnet_w18_small"], 2, 32, 96),
+    # a patch-16 ViT: lcm(16, 32) = 32 at every L
+    "vit_L2": (["model/backbone=timm", "model.backbone.name=vit_tiny_patch16_224"], 2, 32, 96),
+    # the bounded-receptive-field backbone needs only the finest stride: the pyramid's 4 decides at L=1
+    "local_L1": (["model/backbone=local"], 1, 4, 80),
+}
+
+
+@pytest.mark.parametrize("case", NETWORK_DIVISORS)
+def test_validation_images_are_padded_to_the_networks_divisor(case: str, tmp_path: Path, run_dir: Path):
+    from sfseg.train import build as build_run
+
+    backbone, levels, divisor, width = NETWORK_DIVISORS[case]
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", f"model.levels={levels}"]
+    datamodule_, model, _ = build_run(compose_config([*overrides, *TWO_STEPS, *backbone], run_dir))
+    assert datamodule_.size_divisor == model.net.size_divisor == divisor
+    datamodule_.setup("fit")
+    val = datamodule_.val_set[0]
+    assert val["image"].shape == (3, HEIGHT, width) and val["label"].shape == (HEIGHT, width)
+    assert (val["label"][:, WIDTH:] == IGNORE_INDEX).all()
+    black = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)  # pixel value 0, normalised
+    torch.testing.assert_close(
+        val["image"][:, :, WIDTH:], black[:, None, None].expand(3, HEIGHT, width - WIDTH)
+    )
+
+
+def test_crop_size_must_fit_the_networks_divisor(tmp_path: Path, run_dir: Path):
+    from sfseg.train import build as build_run
+
+    # 48 is a multiple of L=1's coarsest stride 4, not of HRNet's 32.
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", "model.levels=1", *TWO_STEPS]
+    datamodule_, _, _ = build_run(compose_config([*overrides, "data.crop_size=48"], run_dir))
+    with pytest.raises(
+        ValueError, match=r"data.crop_size=\[48, 48\] must be divisible by the model's size divisor 32"
+    ):
+        datamodule_.setup("fit")
+
+
+def test_a_network_divisor_the_pyramid_cannot_use_is_refused(tmp_path: Path):
+    module = real.ADE20KDataModule(root=str(build("ade20k", tmp_path)), crop_size=64, num_levels=4)
+    with pytest.raises(ValueError, match=r"size divisor 16 is not a multiple of the coarsest stride 32"):
+        module.match_network(16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hrnet_L1", "hrnet_L2", "vit_L2"])
+def test_trains_and_validates_on_a_real_dataset_at_few_levels(case: str, tmp_path: Path, run_dir: Path):
+    backbone, levels, _, _ = NETWORK_DIVISORS[case]
+    overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", f"model.levels={levels}", *backbone]
+    model = train_two_steps(overrides, run_dir)
+    # The epoch's validation ran on the whole 64x80 images, padded to 64x96 for the network.
+    assert model.levels == levels and 0.0 <= model.last_val_scores["mIoU"] <= 1.0

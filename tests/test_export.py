@@ -60,6 +60,21 @@ def predicted(predictor: Predictor, rgb: np.ndarray) -> tuple[np.ndarray, np.nda
     )
 
 
+def assert_torchscript_gives_the_predictors_output(
+    path: Path, predictor: Predictor, sizes: list[tuple[int, int, int]]
+) -> None:
+    """The TorchScript file's masks and level maps equal the Predictor's on noise images of `sizes`
+    ([batch, H, W] each)."""
+    module = torch.jit.load(str(path))
+    for seed, (batch, height, width) in enumerate(sizes):
+        rgb = images(batch, height, width, seed)
+        with torch.no_grad():
+            mask, level_map = module(torch.from_numpy(as_input(rgb)))
+        expected_mask, expected_levels = predicted(predictor, rgb)
+        np.testing.assert_array_equal(mask.numpy(), expected_mask)
+        np.testing.assert_array_equal(level_map.numpy(), expected_levels)
+
+
 @pytest.fixture(scope="module")
 def dynamic_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("export")
@@ -118,15 +133,8 @@ def test_torchscript_bakes_in_the_checkpoints_tau_and_follows_the_input_size(
     path, printed = export(checkpoint, tmp_path, "format=torchscript", "size=64")
     assert path == checkpoint.parent.parent / "export" / "model_64x64.pt"  # next to the training run
     assert "tau=0.9 (the checkpoint's)" in printed
-    module = torch.jit.load(str(path))
     predictor = load(checkpoint, device="cpu", sparse_inference=False)  # the traced path is the dense one
-    for seed, (batch, height, width) in enumerate([(2, 64, 64), (1, 32, 96)]):
-        rgb = images(batch, height, width, seed)
-        with torch.no_grad():
-            mask, level_map = module(torch.from_numpy(as_input(rgb)))
-        expected_mask, expected_levels = predicted(predictor, rgb)
-        np.testing.assert_array_equal(mask.numpy(), expected_mask)
-        np.testing.assert_array_equal(level_map.numpy(), expected_levels)
+    assert_torchscript_gives_the_predictors_output(path, predictor, [(2, 64, 64), (1, 32, 96)])
 
 
 @pytest.mark.slow

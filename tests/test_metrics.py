@@ -317,3 +317,22 @@ def test_sweep_and_calibration_states_are_sums_that_add_up_over_ranks():
         merged.merge_state(other)
         for name in merged._reductions:
             assert torch.equal(getattr(merged, name), getattr(alone, name)), name
+
+
+def test_pyramid_metrics_of_a_hand_made_level_map():
+    """L=3 on 16 x 16 pixels (4 x 4 finest cells of 4 x 4 pixels): the fused map takes the top half (two
+    level-2 cells of 2 x 2 finest cells) from level 2 and the bottom half (8 finest cells) from level 3.
+    Ground truth all class 0; the fused output is right, the finest level calls the left half 1."""
+    level_map = torch.tensor([[[1, 1, 1, 1], [1, 1, 1, 1], [2, 2, 2, 2], [2, 2, 2, 2]]])
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    finest = target.clone()
+    finest[..., :8] = 1
+    metrics = PyramidMetrics(num_classes=2, num_levels=3)
+    metrics.update(target, [target, target, finest], target, [], [], level_map)
+    scores = metrics.compute()
+    assert scores["mIoU"] == 1.0
+    assert scores["mIoU_finest"] == pytest.approx(0.25)  # class 0: 128 / 256, class 1: 0 / 128
+    # 8 of 16 finest cells from level 2, 8 from level 3
+    assert [scores[f"share_level{level}"] for level in (1, 2, 3)] == [0.0, 0.5, 0.5]
+    # labels: 2 level-2 cells + 8 finest cells = 10 for 16 finest cells
+    assert scores["labels_per_finest_cell"] == pytest.approx(10 / 16)

@@ -218,8 +218,12 @@ def test_bfloat16_autocast_forward_is_finite(segmenter: PyramidSegmenter) -> Non
 
 
 def test_unknown_names_raise_errors_naming_the_config_key() -> None:
-    with pytest.raises(ValueError, match=r"model.backbone.name='hrnet_w64'.*hrnet_w48.*resnet101"):
-        create_backbone("hrnet_w64")
+    # Neither sfseg's nor timm's (timm's own names build through model/backbone=timm).
+    with pytest.raises(
+        ValueError,
+        match=r"model.backbone.name='hrnet_w99' is neither.*hrnet_w48.*resnet101.*nor a timm model",
+    ):
+        create_backbone("hrnet_w99")
     with pytest.raises(ValueError, match=r"model.context.name='aspp'.*anl_multi.*c2f"):
         PyramidSegmenter(SMALL, num_classes=3, context="aspp")
     with pytest.raises(ValueError, match=r"model\.levels"):
@@ -266,13 +270,14 @@ def test_bad_weights_files_raise_clear_errors(tmp_path) -> None:
         create_backbone(SMALL, weights=str(foreign))
 
 
-def test_unreachable_hub_names_the_local_weights_option(monkeypatch, tmp_path) -> None:
+@pytest.mark.parametrize("name", [SMALL, "convnext_atto"])  # sfseg's and any timm model's
+def test_unreachable_hub_names_the_local_weights_option(monkeypatch, tmp_path, name: str) -> None:
     # Offline and with an empty cache, the hub fails at once and the same way on every machine.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(RuntimeError, match="hub could not be reached") as err:
-        create_backbone(SMALL, pretrained=True)
+    with pytest.raises(RuntimeError, match=f"name='{name}'.*hub could not be reached") as err:
+        create_backbone(name, pretrained=True)
     assert "model.backbone.weights=<path to a local file>" in str(err.value)
     assert "model.backbone.pretrained=false" in str(err.value)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -126,9 +128,10 @@ def test_mask_png_reads_back_as_the_class_ids_with_the_datasets_palette(checkpoi
         run(predict_config(checkpoint, tmp_path / "in", tmp_path / "raw", ids="names"))
 
 
-def untrained_checkpoint(path: Path, class_names: tuple[str, ...]) -> Path:
+def untrained_checkpoint(path: Path, class_names: Sequence[str], **data: Any) -> Path:
     """A checkpoint as Lightning writes it (hyper_parameters and state_dict of the module), untrained,
-    small, for a dataset whose ids differ from the class ids, outside any training run folder."""
+    small, for a dataset whose ids differ from the class ids, outside any training run folder; `data`:
+    what training records of its data (palette, label_values)."""
     module = SpecializeAndFuseModule(
         num_classes=len(class_names),
         backbone={"name": "hrnet_w18_small", "pretrained": False},
@@ -138,6 +141,7 @@ def untrained_checkpoint(path: Path, class_names: tuple[str, ...]) -> Path:
         unity_channels=8,
         semantic_channels=16,
         class_names=class_names,
+        **data,
     )
     torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, path)
     return path

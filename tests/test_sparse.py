@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sfseg.eval import run as eval_run
 from sfseg.inference import image_logits, whole_logits
-from sfseg.inference.sparse import even_level_shares, forced_unity, unity_logits_for_shares
+from sfseg.inference.sparse import even_level_shares, forced_unity, fuse_agreement, unity_logits_for_shares
 from sfseg.models import CONTEXT_MODULES, PyramidSegmenter, SemanticHead, UnityHead
 from sfseg.models.context import ContextAggregation, ContextUpdate, PyramidPool
 from sfseg.models.heads import CellGather
@@ -31,18 +31,18 @@ TAU = 0.9
 BASE_LAYOUT = Path(__file__).parent / "data" / "head_layout_92ac1e0.json"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_net(context: str, levels: int) -> PyramidSegmenter:
-    net = PyramidSegmenter(SMALL, 5, levels, context, unity_channels=8, semantic_channels=16)
-    # Random batch-norm statistics, so that the sparse path's eval-mode BN is really exercised.
+def tiny_net(context: str, levels: int, backbone: str = SMALL) -> PyramidSegmenter:
+    return random_batch_norm_statistics(
+        PyramidSegmenter(backbone, 5, levels, context, unity_channels=8, semantic_channels=16)
+    )
+
+
+def random_batch_norm_statistics(net: PyramidSegmenter) -> PyramidSegmenter:
+    """The net in eval mode with random batch-norm statistics, so that the sparse path's eval-mode BN
+    is really exercised."""
     for module in net.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -53,23 +53,37 @@ def tiny_net(context: str, levels: int) -> PyramidSegmenter:
 def assert_same_fuse(dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor], atol: float) -> None:
     """Level maps identical, logits within atol, argmax equal wherever the dense top two differ by more
     than 2 atol (only a near tie may flip)."""
-    (dense_logits, dense_levels), (sparse_logits, sparse_levels) = dense, sparse
-    assert torch.equal(dense_levels, sparse_levels)
-    torch.testing.assert_close(sparse_logits.float(), dense_logits.float(), atol=atol, rtol=0)
-    top2 = dense_logits.float().topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * atol
-    assert torch.equal(sparse_logits.argmax(1)[clear], dense_logits.argmax(1)[clear])
-    assert clear.float().mean() > 0.9
+    agreement = fuse_agreement(dense, sparse, atol)
+    assert agreement.agrees, agreement
+
+
+def test_fuse_agreement_catches_each_kind_of_difference() -> None:
+    logits = torch.tensor([[[[3.0, 0.0]], [[0.0, 3.0]]]])  # [1, 2 classes, 1, 2]: two clear pixels
+    levels = torch.tensor([[[0, 1]]])
+    dense = (logits, levels)
+    assert fuse_agreement(dense, (logits + 1e-5, levels.clone()), atol=1e-4).agrees
+    assert not fuse_agreement(dense, (logits, 1 - levels), atol=1e-4).level_maps_equal
+    too_far = fuse_agreement(dense, (logits + 1e-3, levels), atol=1e-4)
+    assert too_far.max_logit_difference == pytest.approx(1e-3) and not too_far.agrees
+    flipped = fuse_agreement(dense, (logits.flip(1), levels), atol=1e-4)
+    assert not flipped.argmax_equal_where_clear and not flipped.agrees
+    # A near tie everywhere: nothing to compare the argmax on, which is no agreement either.
+    assert not fuse_agreement((logits * 0, levels), (logits * 0, levels), atol=1e-4).agrees
 
 
 # Very different shares of undecided finest cells in one batch: none, some, all.
 BATCH_SHARES = (0.0, 0.4, 1.0)
 
 
+# A timm ViT through the simple feature pyramid and the fusion decoder (model/backbone=timm), besides HRNet.
+VIT = "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("backbone", [SMALL, VIT])
 @pytest.mark.parametrize("levels", [1, 2, 4])
 @pytest.mark.parametrize("context", sorted(CONTEXT_MODULES))
-def test_sparse_fuses_to_the_dense_output(context: str, levels: int) -> None:
-    net = tiny_net(context, levels)
+def test_sparse_fuses_to_the_dense_output(context: str, levels: int, backbone: str) -> None:
+    net = tiny_net(context, levels, backbone)
     images = torch.randn(len(BATCH_SHARES), 3, 128, 96)
     shares = [even_level_shares(share, levels) for share in BATCH_SHARES]
     unity = unity_logits_for_shares(shares, finest_size=(32, 24))

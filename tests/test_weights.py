@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 from sfseg.models import create_backbone
-from sfseg.models.backbones import HEAD_PREFIXES, STAGES, remap_weights
+from sfseg.models.backbones import STAGES, remap_weights
 
 LOGGER = "sfseg.models.backbones"
 
@@ -31,6 +31,103 @@ def assert_backbone_holds(backbone, source: dict[str, torch.Tensor]) -> None:
         assert torch.equal(tensor, source[key]), key
 
 
+# The stage layout of the official releases (HRNet-Image-Classification's experiments/*.yaml): per stage
+# (modules, block, blocks per branch, channels per branch). Stage 1 is one branch of Bottlenecks.
+OFFICIAL_HRNET_STAGES = {
+    "hrnet_w18_small_v2": [
+        (1, "BOTTLENECK", [2], [64]),
+        (1, "BASIC", [2, 2], [18, 36]),
+        (3, "BASIC", [2, 2, 2], [18, 36, 72]),
+        (2, "BASIC", [2, 2, 2, 2], [18, 36, 72, 144]),
+    ],
+    "hrnet_w18": [
+        (1, "BOTTLENECK", [4], [64]),
+        (1, "BASIC", [4, 4], [18, 36]),
+        (4, "BASIC", [4, 4, 4], [18, 36, 72]),
+        (3, "BASIC", [4, 4, 4, 4], [18, 36, 72, 144]),
+    ],
+}
+EXPANSION = {"BASIC": 1, "BOTTLENECK": 4}
+
+
+def official_hrnet_shapes(name: str) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """The tensor names and shapes of an official HRNet ImageNet release (lib/models/cls_hrnet.py's
+    HighResolutionNet), worked out from the official module layout, not from timm: the backbone's
+    and the classification head's (incre_modules, downsamp_modules, final_layer, classifier).
+    BatchNorm has no num_batches_tracked, as in releases saved before PyTorch 0.4.1."""
+    shapes: dict[str, tuple] = {}
+
+    def conv(key: str, out: int, inp: int, size: int, bias: bool = False) -> None:
+        shapes[f"{key}.weight"] = (out, inp, size, size)
+        if bias:
+            shapes[f"{key}.bias"] = (out,)
+
+    def norm(key: str, channels: int) -> None:
+        for tensor in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{key}.{tensor}"] = (channels,)
+
+    def layer(key: str, block: str, inp: int, planes: int, blocks: int) -> int:  # _make_layer
+        out = planes * EXPANSION[block]
+        for index in range(blocks):
+            prefix, block_inp = f"{key}.{index}", inp if index == 0 else out
+            if block == "BASIC":
+                conv(f"{prefix}.conv1", planes, block_inp, 3), norm(f"{prefix}.bn1", planes)
+                conv(f"{prefix}.conv2", planes, planes, 3), norm(f"{prefix}.bn2", planes)
+            else:
+                conv(f"{prefix}.conv1", planes, block_inp, 1), norm(f"{prefix}.bn1", planes)
+                conv(f"{prefix}.conv2", planes, planes, 3), norm(f"{prefix}.bn2", planes)
+                conv(f"{prefix}.conv3", out, planes, 1), norm(f"{prefix}.bn3", out)
+            if index == 0 and block_inp != out:
+                conv(f"{prefix}.downsample.0", out, block_inp, 1), norm(f"{prefix}.downsample.1", out)
+        return out
+
+    conv("conv1", 64, 3, 3), norm("bn1", 64), conv("conv2", 64, 64, 3), norm("bn2", 64)
+    (_, block, (blocks,), (planes,)), *stages = OFFICIAL_HRNET_STAGES[name]
+    previous = [layer("layer1", block, 64, planes, blocks)]
+    for stage, (modules, block, blocks, channels) in enumerate(stages, start=2):
+        current = [width * EXPANSION[block] for width in channels]
+        for branch, width in enumerate(current):  # _make_transition_layer (None: no tensors)
+            key = f"transition{stage - 1}.{branch}"
+            if branch < len(previous) and width != previous[branch]:
+                conv(f"{key}.0", width, previous[branch], 3), norm(f"{key}.1", width)
+            for step in range(branch + 1 - len(previous)):
+                out = width if step == branch - len(previous) else previous[-1]
+                conv(f"{key}.{step}.0", out, previous[-1], 3), norm(f"{key}.{step}.1", out)
+        for module in range(modules):  # HighResolutionModule
+            key = f"stage{stage}.{module}"
+            for branch, width in enumerate(current):
+                layer(f"{key}.branches.{branch}", block, width, channels[branch], blocks[branch])
+            for i, width in enumerate(current):  # fuse_layers[i][j]; j == i: None
+                for j, source in enumerate(current):
+                    if j > i:
+                        conv(f"{key}.fuse_layers.{i}.{j}.0", width, source, 1)
+                        norm(f"{key}.fuse_layers.{i}.{j}.1", width)
+                    for step in range(i - j):
+                        out = width if step == i - j - 1 else source
+                        conv(f"{key}.fuse_layers.{i}.{j}.{step}.0", out, source, 3)
+                        norm(f"{key}.fuse_layers.{i}.{j}.{step}.1", out)
+        previous = current
+    backbone = dict(shapes)
+    shapes.clear()
+    head_channels = [32, 64, 128, 256]  # _make_head: Bottlenecks to 128, 256, 512, 1024 channels
+    for branch, width in enumerate(previous):
+        layer(f"incre_modules.{branch}", "BOTTLENECK", width, head_channels[branch], 1)
+    for index in range(3):
+        inp, out = 4 * head_channels[index], 4 * head_channels[index + 1]
+        conv(f"downsamp_modules.{index}.0", out, inp, 3, bias=True), norm(f"downsamp_modules.{index}.1", out)
+    conv("final_layer.0", 2048, 1024, 1, bias=True), norm("final_layer.1", 2048)
+    shapes["classifier.weight"], shapes["classifier.bias"] = (1000, 2048), (1000,)
+    return backbone, dict(shapes)
+
+
+def random_tensors(shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Values no freshly built backbone has (BatchNorm variances kept positive)."""
+    return {
+        key: torch.rand(shape) + 0.5 if key.endswith("running_var") else torch.randn(shape)
+        for key, shape in shapes.items()
+    }
+
+
 @pytest.mark.parametrize(
     ("name", "official_file"),
     [
@@ -39,17 +136,26 @@ def assert_backbone_holds(backbone, source: dict[str, torch.Tensor]) -> None:
     ],
 )
 def test_official_hrnet_imagenet_release_loads(name: str, official_file: str, tmp_path: Path, caplog) -> None:
-    # HRNet-Image-Classification's cls_hrnet names its modules as timm's port does, classifier included.
-    classifier = timm.create_model(name, pretrained=False).state_dict()
-    torch.save(classifier, tmp_path / official_file)
+    """A file in the official release's layout: cls_hrnet's backbone names are timm's (timm ported
+    cls_hrnet and keeps its module names), so the remap renames nothing there. What it must do: drop the
+    classification head's tensors, load every backbone tensor with its value, and not miss the BatchNorm
+    counters the old files lack."""
+    backbone_shapes, head_shapes = official_hrnet_shapes(name)
+    release = random_tensors(backbone_shapes) | random_tensors(head_shapes)
+    torch.save(release, tmp_path / official_file)
     with caplog.at_level(logging.INFO, logger=LOGGER):
         backbone = create_backbone(name, weights=str(tmp_path / official_file))
-    assert_backbone_holds(backbone, classifier)
-    head = [key for key in classifier if key.startswith(HEAD_PREFIXES)]  # incre/downsamp/final/classifier
-    assert head
-    counted = [key for key in backbone.body.state_dict() if not key.endswith("num_batches_tracked")]
-    assert f"loaded {len(counted)}/{len(counted)} tensors" in caplog.text
-    assert f"{len(head)} head tensors dropped; 0 missing; 0 unexpected" in caplog.text
+    state = backbone.body.state_dict()
+    weights = {key: tensor for key, tensor in state.items() if not key.endswith("num_batches_tracked")}
+    assert {key: tuple(tensor.shape) for key, tensor in weights.items()} == backbone_shapes
+    for key, tensor in weights.items():
+        assert torch.equal(tensor, release[key]), key
+    # 4 incre Bottlenecks of 20 tensors, 3 downsamp and the final layer of 6, the classifier's 2
+    assert len(head_shapes) == 4 * 20 + 3 * 6 + 6 + 2 and not set(head_shapes) & set(state)
+    assert (
+        f"loaded {len(weights)}/{len(weights)} tensors from {tmp_path / official_file}; "
+        f"{len(head_shapes)} head tensors dropped; 0 missing; 0 unexpected"
+    ) in caplog.text
 
 
 @pytest.mark.parametrize("name", ["hrnet_w32", "hrnet_w48"])
@@ -67,8 +173,10 @@ def test_hrnet_semantic_segmentation_checkpoint_loads_its_backbone(
 ) -> None:
     """HRNet-Semantic-Segmentation saves FullModel (model.*, loss.*), possibly through DataParallel
     (module.*), in a dict with 'state_dict'; seg_hrnet's head is last_layer, seg_hrnet_ocr's the rest."""
-    source = timm.create_model("hrnet_w18_small", features_only=True, out_indices=STAGES, feature_location="")
-    source_state = source.state_dict()
+    # seg_hrnet's backbone has cls_hrnet's names; these files are newer, with BatchNorm counters.
+    source_state = random_tensors(official_hrnet_shapes("hrnet_w18_small_v2")[0])
+    for key in [key for key in source_state if key.endswith("running_mean")]:
+        source_state[key.replace("running_mean", "num_batches_tracked")] = torch.tensor(1000)
     heads = {
         "ocr": [
             "conv3x3_ocr.0.weight",
@@ -86,7 +194,8 @@ def test_hrnet_semantic_segmentation_checkpoint_loads_its_backbone(
     state[wrapper.removesuffix("model.") + "loss.criterion.weight"] = torch.ones(19)
     torch.save({"epoch": 12, "best_mIoU": 0.41, "state_dict": state}, tmp_path / "best.pth")
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        backbone = create_backbone("hrnet_w18_small", weights=str(tmp_path / "best.pth"))
+        backbone = create_backbone("hrnet_w18_small_v2", weights=str(tmp_path / "best.pth"))
+    assert backbone.body.state_dict().keys() == source_state.keys()
     assert_backbone_holds(backbone, source_state)
     assert f"{len(heads) + 1} head tensors dropped; 0 missing; 0 unexpected" in caplog.text
 

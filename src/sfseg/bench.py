@@ -1,7 +1,7 @@
 """Benchmark harness (not a test): what the pyramid costs next to the plain single-output path.
 
     python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick] [--threads N] [--ckpt CKPT] [--profile]
-                          [--variants fcn,sf_c2f,...]
+                          [--variants fcn,sf_c2f,...] [--backbones convnext_tiny,vit_small_patch16_224,...]
 
 Writes <out>/results.json and <out>/results.md with, measured side by side in one run:
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
@@ -15,6 +15,9 @@ Writes <out>/results.json and <out>/results.md with, measured side by side in on
       training step time (with OCR's auxiliary loss where the model has it) and peak memory;
       parameters. --variants picks rows (fcn is always measured);
   (d) with --profile, torch.profiler's top operators of FCN and of c2f sparse.
+With --backbones, instead of (a)-(d), the Backbones table: the S&F model (L=4, c2f) on each named
+backbone (any model.backbone.name) and on the reference (hrnet_w48): parameters, GMACs of a dense
+inference, and the training step time relative to the reference's.
 Times are medians over repeats after warm-up, with the variants interleaved (the order rotates
 every round) so that drift of the machine hits every variant alike.
 """
@@ -33,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -66,6 +69,8 @@ SHARES = (0.25, 0.33, 0.5, 0.75, 1.0)
 PROFILE_SHARE = 0.33
 PROFILE_CALLS = 3
 TAU = 0.9
+# The Backbones table's model: S&F with the paper's final context module, at BenchConfig.num_levels.
+BACKBONES_VARIANT = "sf_c2f"
 
 
 @dataclass(frozen=True)
@@ -535,6 +540,86 @@ def bench_models(
     }
 
 
+def parse_backbones(text: str) -> tuple[str, ...]:
+    """--backbones: a comma list of model.backbone.name values (sfseg's or any timm model's)."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise ValueError(f"--backbones {text!r}: give a comma list of backbone names (model.backbone.name)")
+    return names
+
+
+def bench_backbones(cfg: BenchConfig, device: torch.device, backbones: tuple[str, ...]) -> dict[str, object]:
+    """The Backbones table: the S&F model (BACKBONES_VARIANT) on the reference cfg.backbone and on each of
+    `backbones`: parameters and GMACs of one dense inference at cfg.image_size, each of the encoder (the
+    timm model), the backbone (the encoder with its fusion decoder or concatenation, and a ViT's neck) and
+    the whole model (with heads, fuse and upsampling); and the training step time, the models
+    interleaved, with its ratio to the reference's in this run."""
+    names = tuple(dict.fromkeys((cfg.backbone, *backbones)))
+    models = {
+        name: build_variant(BACKBONES_VARIANT, replace(cfg, backbone=name)).to(device) for name in names
+    }
+    images = _images(cfg, device)
+    rows = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            model.eval()
+            rows[name] = {
+                "backbone": name,
+                "adapter": type(model.backbone).__name__,
+                "size_divisor": model.size_divisor,
+                "encoder_params_m": _params_m(model.backbone.body),
+                "backbone_params_m": _params_m(model.backbone),
+                "params_m": _params_m(model),
+                "encoder_gmacs": _gmacs(model.backbone.body, images),
+                "backbone_gmacs": _gmacs(model.backbone, images),
+                "gmacs": _gmacs(inference_call(model, Case(BACKBONES_VARIANT), cfg, device), images),
+            }
+    steps = {
+        name: training_call(model.train(), BACKBONES_VARIANT, cfg, device) for name, model in models.items()
+    }
+    train_step = interleaved_medians(steps, cfg.train_repeats, cfg.train_warmup, device)
+    for name, row in rows.items():
+        row["train_step_ms"] = train_step[name]
+        row["train_step_ratio"] = train_step[name] / train_step[cfg.backbone]
+    return {
+        "reference": cfg.backbone,
+        "variant": BACKBONES_VARIANT,
+        "num_levels": cfg.num_levels,
+        "num_classes": cfg.num_classes,
+        "image_size": cfg.image_size,
+        "train_batch": cfg.train_batch,
+        "train_size": cfg.train_size,
+        "rows": list(rows.values()),
+    }
+
+
+def backbones_markdown(table: dict, cfg: dict) -> list[str]:
+    size, train_size = table["image_size"], table["train_size"]
+    lines = [
+        f"## Backbones: S&F ({table['variant'].removeprefix(PYRAMID_PREFIX)}, L={table['num_levels']}, "
+        f"{table['num_classes']} classes) on each backbone",
+        "",
+        f"Parameters and GMACs of one dense inference (batch 1, {size}x{size}, FlopCounterMode) of the encoder "
+        "(the timm model), the backbone (encoder + fusion decoder, or HRNetV2's concatenation; a ViT's neck) "
+        "and the whole S&F model (heads, fuse and upsampling). Training step: batch "
+        f"{table['train_batch']}, {train_size}x{train_size}, "
+        f"median of {cfg['train_repeats']} after {cfg['train_warmup']} warm-up, the models interleaved; the "
+        f"ratio is to {table['reference']} in this run.",
+        "",
+        "| backbone | adapter | size divisor | params (M): encoder | backbone | S&F | GMACs: encoder | backbone "
+        f"| S&F | train step (ms) | vs {table['reference']} |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table["rows"]:
+        lines.append(
+            f"| {row['backbone']} | {row['adapter']} | {row['size_divisor']} | {row['encoder_params_m']:.1f} | "
+            f"{row['backbone_params_m']:.1f} | {row['params_m']:.1f} | {row['encoder_gmacs']:.1f} | "
+            f"{row['backbone_gmacs']:.1f} | {row['gmacs']:.1f} | "
+            f"{row['train_step_ms']:.0f} | {row['train_step_ratio']:.2f}x |"
+        )
+    return [*lines, ""]
+
+
 def checkpoint_level_shares(ckpt_path: Path, num_levels: int, device: torch.device) -> list[float]:
     """The share of finest cells the fuse takes from each level, coarse to fine, over the validation
     split of a trained checkpoint's run (`specialization.json`'s parsimony, single-scale whole image)."""
@@ -596,10 +681,12 @@ def run(
     ckpt: Path | None = None,
     profile: bool = False,
     variants: tuple[str, ...] = MODEL_VARIANTS,
+    backbones: tuple[str, ...] | None = None,
 ) -> dict[str, object]:
+    """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
+    table alone."""
     load_before = os.getloadavg()[0]
-    checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
-    results = {
+    results: dict[str, object] = {
         "meta": {
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "device": device.type,
@@ -610,13 +697,17 @@ def run(
             "quick": quick,
             "checkpoint": str(ckpt) if ckpt else None,
             "config": asdict(cfg),
-        },
-        "targets": bench_targets(cfg, device),
-        "fuse": bench_fuse(cfg, device),
-        "models": bench_models(cfg, device, quick, checkpoint_shares, variants),
+        }
     }
-    if profile:
-        results["profile"] = profile_table(cfg, device, PROFILE_SHARE)
+    if backbones:
+        results["backbones"] = bench_backbones(cfg, device, backbones)
+    else:
+        checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
+        results["targets"] = bench_targets(cfg, device)
+        results["fuse"] = bench_fuse(cfg, device)
+        results["models"] = bench_models(cfg, device, quick, checkpoint_shares, variants)
+        if profile:
+            results["profile"] = profile_table(cfg, device, PROFILE_SHARE)
     # Other processes on the machine skew CPU timings; the 1-minute load average shows how much.
     results["meta"]["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     return results
@@ -627,7 +718,7 @@ def _cell(value: float | None, digits: int = 1, suffix: str = "") -> str:
 
 
 def to_markdown(results: dict) -> str:
-    meta, models = results["meta"], results["models"]
+    meta = results["meta"]
     cfg = meta["config"]
     lines = [
         "# sfseg benchmark",
@@ -636,6 +727,10 @@ def to_markdown(results: dict) -> str:
         f"torch {meta['torch']}, timm {meta['timm']}{', --quick sizes' if meta['quick'] else ''}. "
         f"Medians after warm-up, variants interleaved; load average before/after {meta['load_average']}.",
         "",
+    ]
+    if "backbones" in results:
+        return "\n".join(lines + backbones_markdown(results["backbones"], cfg))
+    lines += [
         f"## Pyramid math (median of {cfg['repeats']})",
         "",
         "| operation | input | time (ms) | baseline | baseline (ms) | ratio |",
@@ -652,7 +747,7 @@ def to_markdown(results: dict) -> str:
         "",
         f"Unity-cell share of the labels, coarse to fine: {results['targets']['unity_cell_share']}.",
         "",
-        *table5_markdown(models, cfg, meta["checkpoint"]),
+        *table5_markdown(results["models"], cfg, meta["checkpoint"]),
     ]
     for name, table in results.get("profile", {}).items():
         lines += [f"## Profile: {name}, top operators by self time over {PROFILE_CALLS} calls", ""]
@@ -724,6 +819,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         help=f"comma list of Table 5 rows to measure (default: all): {', '.join(MODEL_VARIANTS)}; "
         "fcn is always measured (the ratios are to it)",
     )
+    parser.add_argument(
+        "--backbones",
+        help="comma list of model.backbone.name values (sfseg's or any timm model's): measure the Backbones "
+        "table (S&F on each and on the reference, hrnet_w48; --quick: hrnet_w18_small) instead of Table 5",
+    )
     parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-shares", help=argparse.SUPPRESS)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
@@ -732,6 +832,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     try:
         variants = parse_variants(args.variants)
+        backbones = parse_backbones(args.backbones) if args.backbones is not None else None
     except ValueError as error:
         parser.error(str(error))
     cfg = QUICK if args.quick else BenchConfig()
@@ -743,7 +844,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         parser.error("--device cuda: no CUDA device is available")
     if args.ckpt is not None and not args.ckpt.is_file():
         parser.error(f"--ckpt {args.ckpt}: no such checkpoint file")
-    results = run(cfg, torch.device(args.device), args.quick, args.ckpt, args.profile, variants)
+    results = run(cfg, torch.device(args.device), args.quick, args.ckpt, args.profile, variants, backbones)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "results.md").write_text(to_markdown(results))

@@ -1,8 +1,11 @@
-"""Lightning callbacks: the resumable last checkpoint, and the W&B pictures and tables of the pyramids."""
+"""Lightning callbacks: the resumable last checkpoint, the W&B pictures and tables of the pyramids, and
+where a training step's time goes."""
 
 from __future__ import annotations
 
 import math
+import resource
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from torch import Tensor
 from sfseg.analysis import pixel_levels
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import level_strides
-from sfseg.runs import LAST_CHECKPOINT
+from sfseg.runs import LAST_CHECKPOINT, write_json
 from sfseg.visualize import denormalize
 
 
@@ -57,6 +60,75 @@ class LastCheckpoint(L.Callback):
         if trainer.global_step != self._saved_step and not trainer.sanity_checking:
             trainer.save_checkpoint(self.path)
             self._saved_step = trainer.global_step
+
+
+class StepTimes(L.Callback):
+    """Where the training time goes (`sfseg.gpu_check`'s training stage; any run can add it with
+    `+callbacks.step_times._target_=sfseg.callbacks.StepTimes +callbacks.step_times.path=<file>`).
+
+    Per optimizer step: `data_s`, the seconds from the end of the previous step to the start of this one
+    (the loader's next batch, its move to the device and its pyramid targets), `step_s`, the step itself
+    (forward, loss, backward, optimizer), and its loss. Written as JSON at the end of fit, with the peak
+    memory. The device is synchronised at both ends of every step so that the split is real.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.steps: list[dict[str, float]] = []
+        self._mark = 0.0
+        self._data_s = 0.0
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self.steps = []
+        self._mark = self._now(pl_module)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now = self._now(pl_module)
+        self._data_s, self._mark = now - self._mark, now
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = self._now(pl_module)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.steps.append(
+            {
+                "data_s": self._data_s,
+                "step_s": now - self._mark,
+                "loss": float(loss),
+                "batch": len(batch["image"]),
+            }
+        )
+        self._mark = now
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        device = pl_module.device
+        if device.type == "cuda":
+            memory = {
+                "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "memory_method": ("torch.cuda.max_memory_allocated over fit"),
+            }
+        else:  # ru_maxrss: kB on Linux
+            memory = {
+                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+                "memory_method": "peak resident memory of the training process (ru_maxrss)",
+            }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(
+            self.path,
+            {"device": str(device), "precision": str(trainer.precision), **memory, "steps": self.steps},
+        )
 
 
 class WandbPyramidMedia(L.Callback):

@@ -108,7 +108,12 @@ def training_loss(
 
 
 class SpecializeAndFuseModule(L.LightningModule):
-    """Every constructor argument is a plain value (DESIGN 6), so checkpoints load with weights_only."""
+    """Every constructor argument is a plain value (DESIGN 6), so checkpoints load with weights_only.
+
+    `class_names`, `palette` and `label_values` (per class, the raw id or [r, g, b] colour of the
+    dataset's own label files) are the training data's, kept in the checkpoint so that evaluation and
+    prediction name the classes, colour the masks and write the dataset's own ids without the data.
+    """
 
     def __init__(
         self,
@@ -124,6 +129,8 @@ class SpecializeAndFuseModule(L.LightningModule):
         ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         loss: Mapping[str, Any] | None = None,
+        palette: Sequence[Sequence[int]] | None = None,
+        label_values: Sequence[int] | Sequence[Sequence[int]] | None = None,
         fuse: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()

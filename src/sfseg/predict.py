@@ -2,8 +2,9 @@
 
 For each image (any size; grey, palette and RGBA files are converted to RGB with a note) it writes
 `<stem>_mask.png`, a palette PNG whose pixel values are the 0-based class ids (`ids=raw`: the dataset's
-own label ids, e.g. ADE20K 1..150) and whose palette is the dataset's, so viewers show the coloured
-mask; `<stem>_overlay.png`, the coloured mask over the image; and `<stem>_levels.png`, which pyramid
+own label ids, e.g. ADE20K 1..150, Cityscapes' labelIds; a 16-bit PNG for raw ids above 255, an RGB PNG
+in the palette's colours for a data=folder dataset with label_format=colors) and whose palette is the
+dataset's, so viewers show the coloured mask; `<stem>_overlay.png`, the coloured mask over the image; and `<stem>_levels.png`, which pyramid
 level each pixel was fused from, in the level colours of every sfseg picture (level 1 dark ... level L
 yellow). A file that is not an image is an error naming it; in a folder the bad files are reported at
 the end and the command exits non-zero after predicting the others.
@@ -22,7 +23,7 @@ from PIL import Image
 from sfseg import CONFIG_DIR
 from sfseg.data.datasets import NotAnImageError, decode_rgb
 from sfseg.inference import autocast, load, resolve_device
-from sfseg.visualize import colorize, level_colours, overlay, palette_image
+from sfseg.visualize import colorize, level_colours, mask_image, overlay
 
 
 def input_files(input_path: Path) -> list[Path]:
@@ -70,7 +71,7 @@ def run(cfg: DictConfig) -> int:
         if mode != "RGB":
             print(f"note: {path} is {mode}, converted to RGB")
         prediction = predictor.predict(rgb, fuse_levels=cfg.fuse)
-        palette_image(prediction.mask, ids, predictor.palette).save(output / f"{path.stem}_mask.png")
+        mask_image(prediction.mask, ids, predictor.palette).save(output / f"{path.stem}_mask.png")
         coloured = colorize(prediction.mask, predictor.palette)
         Image.fromarray(overlay(rgb, coloured, cfg.alpha)).save(output / f"{path.stem}_overlay.png")
         levels = level_colours(prediction.level_map, predictor.levels)

@@ -80,7 +80,16 @@ OmegaConf.register_new_resolver("job_folder_label", job_folder_label, replace=Tr
 def build(cfg: DictConfig) -> tuple[SegmentationDataModule, SpecializeAndFuseModule, L.Trainer]:
     """Instantiate the datamodule, the LightningModule and the Trainer of a composed config."""
     datamodule: SegmentationDataModule = instantiate(cfg.data)
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes, class_names=list(datamodule.classes))
+    model = instantiate(
+        cfg.model,
+        num_classes=datamodule.num_classes,
+        class_names=list(datamodule.classes),
+        # Plain lists, so that the checkpoint loads with weights_only (DESIGN 6).
+        palette=[list(colour) for colour in datamodule.palette],
+        label_values=datamodule.label_values,
+    )
+    # Training crops and padded validation images must fit the network, not only the pyramid.
+    datamodule.match_network(model.net.size_divisor)
     callbacks = [instantiate(callback) for callback in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(logger) for logger in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -429,6 +429,15 @@ def unity_calibration_figure(calibration: Mapping[str, Any]) -> plt.Figure:
     return fig
 
 
+def mask_image(mask: np.ndarray, ids: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """A class map [H, W] as a mask file holding ids[class] per pixel: a palette image of 8-bit ids
+    (`palette_image`), a 16-bit greyscale image of larger raw ids, or an RGB image when `ids` are the
+    dataset's colours [C, 3]."""
+    if ids.ndim == 2 or ids.dtype == np.uint16:
+        return Image.fromarray(ids[mask])
+    return palette_image(mask, ids, palette)
+
+
 def palette_image(mask: np.ndarray, ids: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
     """A class map [H, W] as a palette ("P") image: each pixel holds ids[class] (the class id itself or
     the dataset's raw id), and palette entry ids[k] is class k's colour, every other entry black, so

@@ -1,8 +1,15 @@
-"""Class names and mask palettes of the datasets sfseg ships or reads."""
+"""Class names and mask palettes of the datasets sfseg ships or reads, and the classes file of a
+dataset of the user's own (`data=folder`, `read_classes`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 # --- Synthetic scenes (sfseg.data.synthetic) ---------------------------------------------------------
 # Stuff first: ids 0..5 are large wavy regions, ids 6..11 are small things drawn on top of them.
@@ -51,6 +58,12 @@ def voc_colormap(index: int) -> tuple[int, int, int]:
         blue |= ((index >> 2) & 1) << (7 - bit)
         index >>= 3
     return red, green, blue
+
+
+def generated_palette(count: int) -> tuple[tuple[int, int, int], ...]:
+    """`count` distinct colours, the same every time: the VOC colour map from index 1 (class k -> k + 1),
+    so that black stays free for ignored pixels."""
+    return tuple(voc_colormap(k + 1) for k in range(count))
 
 
 ADE20K_CLASSES: tuple[str, ...] = (
@@ -125,9 +138,7 @@ COCO_STUFF_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 # mmsegmentation's COCO-Stuff palette repeats colours; the VOC colour map never does (class k -> k + 1,
 # so that black stays free for ignored pixels).
-COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
-    voc_colormap(k + 1) for k in range(len(COCO_STUFF_CLASSES))
-)
+COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = generated_palette(len(COCO_STUFF_CLASSES))
 
 # Pascal-Context-59: the 59 most frequent classes of the 459-class vocabulary, in its (alphabetical) order.
 PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
@@ -139,9 +150,20 @@ PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
     "truck", "tvmonitor", "wall", "water", "window", "wood",
 )  # fmt: skip
 # The VOC colour map, as Pascal-Context's own tools draw it (class k -> k + 1; black stays background).
-PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
-    voc_colormap(k + 1) for k in range(len(PASCAL_CONTEXT59_CLASSES))
-)
+PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = generated_palette(len(PASCAL_CONTEXT59_CLASSES))
+
+
+# Cityscapes: the 19 evaluation classes (trainIds 0..18 of cityscapesScripts' helpers/labels.py), with
+# their official names and colours.
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)  # fmt: skip
 
 
 # Class names -> palette, for a checkpoint that only knows its class names.
@@ -150,12 +172,132 @@ KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], 
     (ADE20K_CLASSES, ADE20K_PALETTE),
     (COCO_STUFF_CLASSES, COCO_STUFF_PALETTE),
     (PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE),
+    (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
 )
 
 
 def palette_for(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
-    """The dataset's palette when the classes are a dataset sfseg knows, else the VOC colour map."""
+    """The dataset's palette when the classes are a dataset sfseg knows, else `generated_palette`."""
     for classes, palette in KNOWN_PALETTES:
         if tuple(class_names) == tuple(classes):
             return list(palette)
-    return [voc_colormap(index) for index in range(len(class_names))]
+    return list(generated_palette(len(class_names)))
+
+
+# --- A dataset of the user's own (data=folder) -------------------------------------------------------
+CLASSES_FILE_KEYS = ("classes", "palette", "ids")
+MAX_RAW_ID = 65535  # the largest value of a 16-bit label PNG
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The classes `data.classes` gives: names, and optionally each class's colour and raw label value.
+    `source` names where they came from, for messages."""
+
+    names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...] | None
+    ids: tuple[int, ...] | None
+    source: str
+
+
+def read_classes(value: Any, root: str | Path | None = None, key: str = "data.classes") -> ClassTable:
+    """`data.classes`: a YAML or JSON file holding `classes: [names]` and optionally `palette: [[r, g, b],
+    ...]` and `ids: [raw label values]`; a text file with one name per line; or the same inline (a list
+    of names, or a mapping like the file). A relative path is looked up in the working directory, then
+    under `root`. Anything unreadable or inconsistent is a ValueError that names `key`."""
+    if isinstance(value, str | Path):
+        path = find_classes_file(Path(value).expanduser(), root, key)
+        source = f"{key}={path}"
+        content = parse_classes_file(path, source)
+    elif isinstance(value, Mapping | Sequence):
+        source, content = f"{key} (inline)", value
+    else:
+        raise ValueError(f"{key} must be a classes file or a list of class names, got {value!r}")
+    if not isinstance(content, Mapping):
+        content = {"classes": content}
+    return class_table(content, source)
+
+
+def find_classes_file(path: Path, root: str | Path | None, key: str) -> Path:
+    candidates = [path] if path.is_absolute() or root is None else [path, Path(root).expanduser() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ValueError(
+        f"{key}={path}: no such file (looked for {' and '.join(map(str, candidates))}); give a YAML/JSON "
+        "file with classes: [...], a text file with one class name per line, or an inline list [a, b, c]"
+    )
+
+
+def parse_classes_file(path: Path, source: str) -> Any:
+    """The file's content: YAML or JSON by suffix, otherwise one class name per non-empty line."""
+    try:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return yaml.safe_load(text)
+        if path.suffix.lower() == ".json":
+            return json.loads(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"{source}: cannot read the classes file: {error}") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def class_table(content: Mapping[str, Any], source: str) -> ClassTable:
+    unknown = sorted(set(content) - set(CLASSES_FILE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown keys {unknown}; a classes file holds classes: [names] and optionally "
+            "palette: [[r, g, b], ...] and ids: [raw label values]"
+        )
+    names = content.get("classes")
+    if (
+        isinstance(names, str)
+        or not isinstance(names, Sequence)
+        or not names
+        or not all(isinstance(name, str) and name for name in names)
+    ):
+        raise ValueError(f"{source}: classes must be a non-empty list of class names, got {names!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{source}: class names must be distinct; repeated: {repeated}")
+    palette = content.get("palette")
+    if palette is not None:
+        palette = tuple(colour_triple(colour, f"{source}: palette") for colour in sequence(palette, source))
+        if len(palette) != len(names):
+            raise ValueError(f"{source}: the palette has {len(palette)} colours for {len(names)} classes")
+    ids = content.get("ids")
+    if ids is not None:
+        ids = tuple(raw_value(raw, f"{source}: ids") for raw in sequence(ids, source))
+        if len(ids) != len(names):
+            raise ValueError(f"{source}: ids has {len(ids)} values for {len(names)} classes")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{source}: ids must be distinct, got {list(ids)}")
+    return ClassTable(tuple(names), palette, ids, source)
+
+
+def sequence(value: Any, source: str) -> Sequence:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(f"{source}: expected a list, got {value!r}")
+    return value
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def raw_value(value: Any, what: str) -> int:
+    """A raw label value of an 8- or 16-bit label PNG."""
+    if not is_int(value) or not 0 <= value <= MAX_RAW_ID:
+        raise ValueError(f"{what}: {value!r} is not a raw label value (an integer 0..{MAX_RAW_ID})")
+    return value
+
+
+def colour_triple(value: Any, what: str) -> tuple[int, int, int]:
+    if (
+        isinstance(value, str)
+        or not isinstance(value, Sequence)
+        or len(value) != 3
+        or not all(is_int(c) and 0 <= c <= 255 for c in value)
+    ):
+        raise ValueError(f"{what}: {value!r} is not a colour [r, g, b] of integers 0..255")
+    return (value[0], value[1], value[2])

@@ -23,6 +23,9 @@ class SegmentationDataModule(L.LightningDataModule):
 
     classes: Sequence[str] = ()
     palette: Sequence[tuple[int, int, int]] = ()
+    # Per class, what the dataset's own label files hold for it (a raw id or an [r, g, b] colour); None
+    # when the class ids are the only ids (synthetic scenes). Checkpoints keep it for `predict ids=raw`.
+    label_values: Sequence[int] | Sequence[Sequence[int]] | None = None
 
     def __init__(
         self,
@@ -44,6 +47,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        # The network's size divisor, once `match_network` has given it (train.build does).
+        self.network_divisor: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -54,10 +59,39 @@ class SegmentationDataModule(L.LightningDataModule):
         return level_strides(self.num_levels)[0]
 
     @property
+    def size_divisor(self) -> int:
+        """The multiple that training sizes must be and validation images are padded to: the network's
+        size divisor, or before `match_network` the coarsest stride (all the pyramid targets need)."""
+        return self.network_divisor or self.coarsest_stride
+
+    @property
     def val_pad_divisor(self) -> int | None:
         """Validation images are padded to this multiple; None when the consumer pads them itself
         (evaluation rescales the original image for multi-scale testing, then pads)."""
-        return self.coarsest_stride if self.val_pad else None
+        return self.size_divisor if self.val_pad else None
+
+    def match_network(self, size_divisor: int) -> None:
+        """Pad validation images and check training sizes to the network's size divisor
+        (`PyramidSegmenter.size_divisor`: the coarsest stride and the backbone's); call before setup."""
+        if size_divisor % self.coarsest_stride:
+            raise ValueError(
+                f"the network's size divisor {size_divisor} is not a multiple of the coarsest stride "
+                f"{self.coarsest_stride} of data.num_levels={self.num_levels}: set data.num_levels to model.levels"
+            )
+        self.network_divisor = size_divisor
+
+    def check_size(self, key: str, sides: Sequence[int]) -> None:
+        """A training size (config key `key`, value `sides`) must be a multiple of the size divisor."""
+        if not any(side % self.size_divisor for side in sides):
+            return
+        if self.network_divisor is None:
+            divisor = f"the coarsest stride {self.coarsest_stride} (model.levels={self.num_levels})"
+        else:
+            divisor = (
+                f"the model's size divisor {self.network_divisor} (of the coarsest stride {self.coarsest_stride} "
+                f"at model.levels={self.num_levels} and the backbone's divisor)"
+            )
+        raise ValueError(f"{key}={list(sides)} must be divisible by {divisor}")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True)
@@ -125,11 +159,7 @@ class SyntheticDataModule(SegmentationDataModule):
         return SyntheticScenes(split, num_samples, self.size, seed=self.data_seed, transform=transform)
 
     def setup(self, stage: str | None = None) -> None:
-        if any(side % self.coarsest_stride for side in self.size):
-            raise ValueError(
-                f"data.size={list(self.size)} must be divisible by the coarsest stride {self.coarsest_stride} "
-                f"(model.levels={self.num_levels})"
-            )
+        self.check_size("data.size", self.size)
         # Light augmentation: the scenes already vary in layout, colour, brightness and noise.
         train_tf = (
             train_transform(crop_size=None, scale_range=None, seed=self.seed)

@@ -1,15 +1,16 @@
-"""DataModules of the paper's datasets (Sec. 5): ADE20K, COCO-Stuff-10k/164k and Pascal-Context-59.
+"""DataModules of the paper's datasets (Sec. 5): ADE20K, COCO-Stuff-10k/164k and Pascal-Context-59, and
+of Cityscapes (the first dataset of HRNet-Semantic-Segmentation and of most segmentation papers).
 
 Each reads its official (or documented converted) layout under `data.root` (see `sfseg.data.datasets`),
 trains with the paper's augmentation (`transforms.train_transform`) and validates on the full image
-(or a fixed `val_resize`), padded at the bottom/right to a multiple of the coarsest stride with the
-padding ignored.
+(or a fixed `val_resize`), padded at the bottom/right to a multiple of the network's size divisor
+(`SegmentationDataModule.match_network`) with the padding ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 from hydra.utils import get_class
@@ -17,6 +18,7 @@ from hydra.utils import get_class
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.datasets import (
     ADE20K,
+    CITYSCAPES,
     COCO_STUFF10K,
     COCO_STUFF164K,
     LAYOUTS,
@@ -26,7 +28,7 @@ from sfseg.data.datasets import (
     Scan,
     SegmentationFiles,
 )
-from sfseg.data.transforms import train_transform, val_transform
+from sfseg.data.transforms import size_pair, train_transform, val_transform
 
 SUBSAMPLE_KEYS = {"train", "val", "seed", "source_split"}
 
@@ -43,7 +45,7 @@ class FileDataModule(SegmentationDataModule):
     with numpy's default_rng(seed), the first `train` for training and the next `val` for validation.
     """
 
-    layout: ClassVar[Layout]
+    layout: Layout  # a class attribute of each dataset's subclass; FolderDataModule builds its own
 
     def __init__(
         self,
@@ -82,6 +84,21 @@ class FileDataModule(SegmentationDataModule):
                 f"data.ignore_index must lie in {self.num_classes}..255 (labels are stored as uint8), got {self.ignore_index}"
             )
 
+    @property
+    def label_values(self) -> list[int] | list[list[int]]:
+        return self.layout.label_values()
+
+    def empty_split(self, part: str) -> str:
+        """The problem of a part ("train", "val") without pairs, naming the key that picks its split."""
+        if self.subsample is not None:
+            key = f"data.subsample.source_split={self.subsample['source_split']}"
+        else:
+            key = f"data.{part}_split={self.train_split if part == 'train' else self.val_split}"
+        return (
+            f"{self.layout.name}: the {part} split ({key}) under data.root={self.root} has no image/label "
+            f"pair\n{self.layout.expected(self.root)}"
+        )
+
     def scan(self, parts: Sequence[str] = ("train", "val")) -> dict[str, Scan]:
         """The pairs of `parts` ("train", "val"), with the files that have no partner (nothing is
         decoded here). A subsample always reads its one source split and returns both parts."""
@@ -97,14 +114,7 @@ class FileDataModule(SegmentationDataModule):
 
     def build_datasets(self, scans: Mapping[str, Scan]) -> dict[str, SegmentationFiles]:
         """SegmentationFiles of train (augmented) and val (full image or val_resize, padded)."""
-        sides = (self.crop_size,) if isinstance(self.crop_size, int) else self.crop_size
-        if any(side % self.coarsest_stride for side in sides):
-            raise ValueError(
-                f"data.crop_size={self.crop_size} must be divisible by the coarsest stride "
-                f"{self.coarsest_stride} (model.levels={self.num_levels})"
-            )
-        lut = self.layout.lut(self.ignore_index)
-        allowed = self.layout.describe_raw_values()
+        self.check_size("data.crop_size", size_pair(self.crop_size, "data.crop_size"))
         train_tf = train_transform(
             crop_size=self.crop_size,
             scale_range=self.scale_range,
@@ -116,7 +126,7 @@ class FileDataModule(SegmentationDataModule):
         val_tf = val_transform(self.val_pad_divisor, resize=self.val_resize, ignore_index=self.ignore_index)
         transforms = {"train": train_tf, "val": val_tf}
         return {
-            part: SegmentationFiles(scan.samples, lut, transforms[part], allowed)
+            part: SegmentationFiles(scan.samples, self.layout, transforms[part], self.ignore_index)
             for part, scan in scans.items()
         }
 
@@ -133,10 +143,7 @@ class FileDataModule(SegmentationDataModule):
             )
         for part, scan in scans.items():
             if not scan.samples:
-                raise DatasetProblems(
-                    f"{self.layout.name}: the {part} split under data.root={self.root} has no image/label pair\n"
-                    f"{self.layout.expected(self.root)}"
-                )
+                raise DatasetProblems(self.empty_split(part))
         datasets = self.build_datasets(scans)
         self.train_set, self.val_set = datasets.get("train"), datasets["val"]
 
@@ -176,6 +183,13 @@ class PascalContext59DataModule(FileDataModule):
     """Pascal-Context-59: `VOC2010/SegmentationClassContext` PNGs (0 = background, 1..59) and the VOC2010 images."""
 
     layout = PASCAL_CONTEXT59
+
+
+class CityscapesDataModule(FileDataModule):
+    """Cityscapes, 19 classes: `leftImg8bit/{split}/<city>/*_leftImg8bit.png` with the official
+    `gtFine/{split}/<city>/*_gtFine_labelIds.png` (labelIds -> trainIds 0..18, every other id ignored)."""
+
+    layout = CITYSCAPES
 
 
 def training_layout(data_target: str | None, class_names: Sequence[str]) -> Layout | None:

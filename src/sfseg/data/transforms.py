@@ -55,7 +55,8 @@ def val_transform(
     pad_divisor: int | None = 32, resize: int | Sequence[int] | None = None, ignore_index: int = IGNORE_INDEX
 ) -> A.Compose:
     """Normalise, optionally resize to a fixed size, and pad (image 0, label ignore) at the bottom and
-    right to a multiple of the coarsest stride, so predictions crop back to the original pixels.
+    right to a multiple of `pad_divisor` (the network's size divisor), so predictions crop back to the
+    original pixels.
     `pad_divisor=None` leaves the size as it is (evaluation pads after its own rescaling)."""
     steps: list[A.BasicTransform] = []
     if resize is not None:

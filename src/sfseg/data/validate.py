@@ -3,8 +3,9 @@
     python -m sfseg.data.validate data=ade20k data.root=/data/ADEChallengeData2016 [--split val] [--workers 8]
 
 Takes the same Hydra overrides as `python -m sfseg.train` (so it checks exactly what a run would
-read). Reports unpaired files, undecodable images or labels, image/label size mismatches and label
-values no class stands for, one line per file; exits 1 if there is any, 0 otherwise.
+read). Reports empty splits, unpaired files, undecodable images or labels, image/label size mismatches
+and label values (or colours) no class stands for, with their pixel counts, one line per file; exits 1
+if there is any, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from tqdm import tqdm
 
@@ -32,6 +34,8 @@ def find_problems(
     counts: dict[str, int] = {}
     for part in parts:
         problems += scans[part].problems
+        if not scans[part].samples:
+            problems.append(datamodule.empty_split(part))
         dataset = datasets[part]
         counts[part] = len(dataset)
         # Decoding is mostly C code that releases the GIL: threads give a near-linear speed-up.
@@ -56,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=args.overrides)
-    datamodule = instantiate(cfg.data)
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as error:  # a data config that cannot work, e.g. a bad data.classes
+        print(f"error: {error.__cause__ or error}", file=sys.stderr)
+        return 1
     if not isinstance(datamodule, FileDataModule):
         print(
             f"error: data={cfg.data._target_} is not a dataset on disk; nothing to validate", file=sys.stderr

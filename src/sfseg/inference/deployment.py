@@ -91,6 +91,22 @@ def export_size(size: int | Sequence[int], divisor: int) -> tuple[int, int]:
     return height, width
 
 
+def check_dynamic_export(net: PyramidSegmenter, height: int, width: int) -> None:
+    """Refuse, before the slow export, an example size from which an ONNX graph with free height and
+    width would hold at that size only (`Backbone.dynamic_export_size`)."""
+    needed = tuple(
+        round_up(side, net.size_divisor) for side in net.backbone.dynamic_export_size(height, width)
+    )
+    if needed != (height, width):
+        raise ValueError(
+            f"dynamic=true from the example size=[{height}, {width}]: backbone {net.backbone.name!r} has "
+            "shifted-window attention (as Swin), and where a block's input spans a single window at the "
+            "example the ONNX export fixes that block's mask (onnxruntime then fails at other sizes). "
+            f"Export from an example of at least size=[{needed[0]}, {needed[1]}], or at a fixed size=[H,W] "
+            "with dynamic=false"
+        )
+
+
 def export_model(
     predictor: Predictor,
     path: str | Path,
@@ -109,6 +125,8 @@ def export_model(
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is not one of {', '.join(EXPORT_FORMATS)}")
     height, width = export_size(size, predictor.net.size_divisor)
+    if format == "onnx" and dynamic:
+        check_dynamic_export(predictor.net, height, width)
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     model = DeployedSegmenter(predictor.net, predictor.tau).to("cpu").eval()

@@ -80,6 +80,8 @@ class Predictor:
     autocast: str | None = None
     ignore_index: int = IGNORE_INDEX
     palette: list[tuple[int, int, int]] = field(default_factory=list)
+    # Per class, the raw id or [r, g, b] colour of the training data's label files (None: not recorded).
+    label_values: list[int] | list[list[int]] | None = None
     checkpoint: Path | None = None
     data_config: DictConfig | None = None  # the checkpoint's training run config, when it has one
     sparse_inference: bool = True  # predict/logits compute each level only where the fuse keeps it
@@ -164,19 +166,26 @@ class Predictor:
         )
 
     def label_ids(self, ids: str = "class", key: str = "ids") -> np.ndarray:
-        """uint8 [C]: the value a mask file holds for each class. `class`: the 0-based class id; `raw`:
-        the training dataset's own label value (ADE20K 1..150 with 0 = other, COCO-Stuff and
-        Pascal-Context by their label tables), as their benchmarks read them."""
+        """The value a mask file holds for each class. `class`: uint8 [C], the 0-based class id; `raw`:
+        the training dataset's own label value (ADE20K 1..150 with 0 = other, COCO-Stuff, Pascal-Context
+        and Cityscapes by their label tables, a data=folder dataset by its classes file), as their
+        benchmarks read them: [C] uint8 or uint16 raw ids, or [C, 3] uint8 colours (label_format=colors)."""
         if ids not in LABEL_IDS:
             raise ValueError(f"{key}={ids!r} is not one of {', '.join(LABEL_IDS)}")
         if ids == "class":
             return np.arange(self.num_classes, dtype=np.uint8)
+        if self.label_values is not None:
+            values = np.asarray(self.label_values)
+            return values.astype(np.uint8 if values.ndim == 2 or values.max() < 256 else np.uint16)
+        # No label values recorded (synthetic scenes, or a checkpoint older than the record): the layout
+        # of its training data, if any.
         target = self.data_config.data.get("_target_") if self.data_config is not None else None
         layout = training_layout(target, self.class_names)
         if layout is None:
             raise ValueError(
                 f"{key}=raw: the checkpoint was not trained on a dataset with its own label ids (ADE20K, "
-                f"COCO-Stuff, Pascal-Context); its class ids 0..{self.num_classes - 1} are the only ids: use {key}=class"
+                f"COCO-Stuff, Pascal-Context, Cityscapes, data=folder); its class ids 0..{self.num_classes - 1} "
+                f"are the only ids: use {key}=class"
             )
         return layout.raw_ids()
 
@@ -233,6 +242,8 @@ def load(
         device=device,
         autocast=autocast,
         ignore_index=int(hparams.get("ignore_index", IGNORE_INDEX)),
+        palette=[tuple(colour) for colour in hparams.get("palette") or ()],
+        label_values=hparams.get("label_values"),
         checkpoint=path,
         data_config=run_data_config(path),
         sparse_inference=sparse_inference,
@@ -263,4 +274,5 @@ def _checkpoint_datamodule(cfg: DictConfig, predictor: Predictor) -> Segmentatio
             f"data={cfg.data._target_} has {datamodule.num_classes} classes but the checkpoint was trained "
             f"on {predictor.num_classes} ({', '.join(predictor.class_names[:5])}, ...); pick its dataset"
         )
+    datamodule.match_network(predictor.net.size_divisor)
     return datamodule

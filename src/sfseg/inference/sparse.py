@@ -11,12 +11,14 @@ at which levels the others were decided. To measure it at a chosen share, force 
         logits, level_map = image_logits(net, images, tau)  # 33 % of the finest cells from level L
 
 The unity head still runs (its cost is part of the path); only its output is replaced.
+`fuse_agreement` says whether a sparse result is the dense one (the tests and `sfseg.gpu_check` ask it).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -95,3 +97,46 @@ def _forced_levels(
         logits.append(torch.where(accept, FORCED_LOGIT, -FORCED_LOGIT))
         open_cells = repeat_cells(open_cells & ~accept, 2)
     return logits
+
+
+@dataclass(frozen=True)
+class FuseAgreement:
+    """How a sparse (logits, level map) result compares with the dense one of the same images."""
+
+    level_maps_equal: bool
+    max_logit_difference: float
+    atol: float
+    # Pixels whose dense top two logits differ by more than 2 atol: only a near tie may flip there.
+    clear_share: float
+    argmax_equal_where_clear: bool
+    # Fewer clear pixels than this and the argmax comparison would say too little.
+    min_clear_share: float = 0.9
+
+    @property
+    def agrees(self) -> bool:
+        """Level maps identical, logits within atol, argmax equal away from near ties, and enough pixels
+        away from them."""
+        return (
+            self.level_maps_equal
+            and self.max_logit_difference <= self.atol
+            and self.argmax_equal_where_clear
+            and self.clear_share > self.min_clear_share
+        )
+
+
+def fuse_agreement(
+    dense: tuple[Tensor, Tensor], sparse: tuple[Tensor, Tensor], atol: float, min_clear_share: float = 0.9
+) -> FuseAgreement:
+    """Compare `image_logits(..., sparse=False)` with `image_logits(..., sparse=True)` of the same images."""
+    (dense_logits, dense_levels), (sparse_logits, sparse_levels) = dense, sparse
+    dense_logits, sparse_logits = dense_logits.float(), sparse_logits.float()
+    top2 = dense_logits.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * atol
+    return FuseAgreement(
+        level_maps_equal=torch.equal(dense_levels, sparse_levels),
+        max_logit_difference=(sparse_logits - dense_logits).abs().max().item(),
+        atol=atol,
+        clear_share=clear.float().mean().item(),
+        argmax_equal_where_clear=torch.equal(sparse_logits.argmax(1)[clear], dense_logits.argmax(1)[clear]),
+        min_clear_share=min_clear_share,
+    )

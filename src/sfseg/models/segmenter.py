@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +81,8 @@ class PyramidSegmenter(nn.Module):
         self.num_levels = num_levels
         self.fuse_rule = FuseRule(fuse) if isinstance(fuse, str) else fuse
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
-        # Both are powers of two, so the larger is their common multiple; data and eval pad to it.
-        self.size_divisor = max(coarsest_stride, self.backbone.size_divisor)
+        # What the pyramid's cells and the backbone both need; evaluation and export pad to it.
+        self.size_divisor = math.lcm(coarsest_stride, self.backbone.size_divisor)
         channels = self.backbone.out_channels
         self.unity_head = UnityHead(channels, num_levels, unity_channels) if num_levels > 1 else None
         self.semantic_head = SemanticHead(channels, num_classes, num_levels, semantic_channels, context)
@@ -151,5 +152,5 @@ class PyramidSegmenter(nn.Module):
             raise ValueError(
                 f"input size {height}x{width} must be divisible by {self.size_divisor}: the coarsest "
                 f"pyramid stride {level_strides(self.num_levels)[0]} (model.levels={self.num_levels}) and "
-                f"the backbone's coarsest stage stride {self.backbone.size_divisor}; pad inputs to a multiple"
+                f"the backbone's size divisor {self.backbone.size_divisor}; pad inputs to a multiple"
             )
