@@ -33,6 +33,16 @@ def test_groups_have_the_documented_options():
     assert options("model/context") == ["anl", "anl_multi", "c2f", "ccnet", "none", "ocr"]
     assert options("model/relabel") == ["naive", "oracle", "true_positive"]
     assert options("model/loss") == ["ce", "ohem"]
+    assert options("model/fuse") == ["hard", "learned", "soft"]
+
+
+@pytest.mark.parametrize("fuse", options("model/fuse"))
+def test_every_fuse_option_instantiates_and_hard_is_the_default(fuse: str, run_dir: Path):
+    assert compose_config(TINY, run_dir).model.fuse.name == "hard"
+    cfg = compose_config([*TINY, f"model/fuse={fuse}"], run_dir)
+    _, model, _ = build(cfg)
+    assert model.hparams.fuse["name"] == model.net.fuse_rule.name == fuse
+    assert (model.net.fuse_gate is not None) == (fuse == "learned")
 
 
 @pytest.mark.parametrize("backbone", options("model/backbone"))
@@ -124,6 +134,12 @@ def test_unknown_group_option_lists_the_choices(run_dir: Path):
         ("model/loss=ohem +model.loss.ratio=0.5", "model.loss has unknown keys ['ratio']"),
         ("model/context=ocr model.context.aux_weight=-1", "model.context.aux_weight must be a number >= 0"),
         ("+model.context.aux_weight=0.4", "model.context.aux_weight applies to model.context.name=ocr only"),
+        ("model.fuse.name=vote", "model.fuse.name='vote' is not one of hard, soft, learned"),
+        ("model/fuse=learned model.fuse.hidden_channels=0", "model.fuse.hidden_channels must be >= 1, got 0"),
+        ("model/fuse=soft +model.fuse.hidden_channels=8", "model.fuse has unknown keys ['hidden_channels']"),
+        ("model/fuse=learned model.levels=1", "model/fuse=learned needs model.levels >= 2"),
+        ("model.fuse.upsample=cubic", "model.fuse.upsample='cubic' is not one of nearest, bilinear"),
+        ("model/fuse=learned model.fuse.lr_mult=0", "model.fuse.lr_mult must be a number > 0, got 0"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, fragment: str, run_dir: Path):
@@ -150,6 +166,7 @@ GROUPS = [
     "model/context",
     "model/relabel",
     "model/loss",
+    "model/fuse",
 ]
 
 

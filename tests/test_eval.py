@@ -31,6 +31,8 @@ from tests.conftest import TINY, compose_config
 from tests.fixtures import make_ade20k
 from tests.test_reproducibility import run_train
 
+# The tiny run with the learned fuse (tests/test_export.py exports the same run).
+LEARNED = ("model/fuse=learned",)
 # The data part of the tiny training run: eval must see the same validation images.
 TINY_DATA = [override for override in TINY if override.startswith("data.")]
 EVAL_FILES = (
@@ -44,12 +46,13 @@ EVAL_FILES = (
 )
 
 
-def train_tiny_checkpoint(base: Path) -> Path:
-    """A training run folder of the tiny synthetic run (trained once per test session, then reused)."""
-    run_dir = base / "tiny_run"
+def train_tiny_checkpoint(base: Path, *overrides: str, name: str = "tiny_run") -> Path:
+    """A training run folder of the tiny synthetic run with `overrides`, in base/name (trained once per
+    test session, then reused)."""
+    run_dir = base / name
     if not (run_dir / "checkpoints" / "last.ckpt").is_file():
         result = subprocess.run(
-            [sys.executable, "-m", "sfseg.train", *TINY, f"hydra.run.dir={run_dir}"],
+            [sys.executable, "-m", "sfseg.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
             cwd=base,
             capture_output=True,
             text=True,
@@ -217,6 +220,35 @@ def test_eval_cli_whole_image_reproduces_the_validation_of_training(trained_run:
         iou = metrics["per_class_iou"][row["class"]]
         assert (row["iou"] == "") if iou is None else float(row["iou"]) == pytest.approx(iou, abs=1e-6)
 
+    # The fuse's headroom of the same pass, as the training run's validation measured it (docs/fuse.md).
+    headroom = metrics["headroom"]
+    assert headroom["fuse_rule"] == metrics["inference"]["fuse_rule"] == "hard"
+    for key in (
+        "mIoU",
+        "mIoU_level1",
+        "mIoU_best_level",
+        "mIoU_oracle",
+        "missed_share_mixed",
+        "mIoU_fuse_soft",
+    ):
+        assert headroom[key] == pytest.approx(trained[key], abs=1e-6), key
+    assert (
+        headroom["mIoU_fuse_hard"] == pytest.approx(headroom["mIoU"]) and "mIoU_fuse_learned" not in headroom
+    )
+    assert headroom["mIoU_oracle"] >= max(headroom["mIoU"], headroom["mIoU_best_level"])
+    best = headroom["best_level"]
+    assert headroom["mIoU_best_level"] == max(headroom[f"mIoU_level{level}"] for level in range(1, 5))
+    assert list(rows[0]) == [
+        "class",
+        "iou",
+        "acc",
+        *(f"iou_level{level}" for level in range(1, 5)),
+        "iou_best_level",
+        "iou_oracle",
+    ]
+    assert all(row["iou_best_level"] == row[f"iou_level{best}"] for row in rows)
+    assert "single-scale mIoU (%): fused" in result.stdout and "oracle" in result.stdout
+
     # The analysis is of the same pyramid the training run validated.
     for level in range(1, 5):
         assert specialization["pyramid_scores"][f"mIoU_level{level}"] == pytest.approx(
@@ -322,6 +354,27 @@ def test_tau_sweep_scores_each_tau_as_a_plain_evaluation_at_that_tau(trained_run
     table = (tmp_path / "sweep" / "tau_sweep.md").read_text()
     assert "| **0.9** (checkpoint) |" in table and "Cost: the network ran once per image batch" in table
     assert (tmp_path / "sweep" / "tau_sweep.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_a_learned_fuse_checkpoint_evaluates_dense_with_its_own_rule(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys
+):
+    run_dir = train_tiny_checkpoint(tmp_path_factory.getbasetemp(), *LEARNED, name="learned_run")
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert trained["mIoU"] == pytest.approx(trained["mIoU_fuse_learned"])  # validation used the net's rule
+    metrics, _, _ = evaluate_in_process(run_dir, tmp_path / "eval", "eval.tau_sweep=[0.5]")
+    printed = capsys.readouterr().out
+    assert metrics["inference"]["fuse_rule"] == "learned" and metrics["inference"]["sparse"] is False
+    assert "note: the learned fuse reads every level at every cell" in printed
+    assert "note: the learned fuse does not read tau" in printed
+    headroom = metrics["headroom"]
+    assert metrics["mIoU"] == pytest.approx(headroom["mIoU"]) == pytest.approx(headroom["mIoU_fuse_learned"])
+    assert headroom["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-6)
+    assert {"mIoU_fuse_hard", "mIoU_fuse_soft"} <= set(headroom)
+    rows = read_sweep(tmp_path / "eval")
+    assert len({row["mIoU"] for row in rows}) == 1  # tau does not change this rule
+    assert "The learned fuse does not read τ" in (tmp_path / "eval" / "tau_sweep.md").read_text()
 
 
 @pytest.mark.slow

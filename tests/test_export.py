@@ -15,7 +15,7 @@ import torch
 from sfseg.export import run
 from sfseg.inference import Predictor, load
 from tests.conftest import compose_config
-from tests.test_eval import train_tiny_checkpoint
+from tests.test_eval import LEARNED, train_tiny_checkpoint
 
 # The tiny checkpoint is barely trained: at its own tau (0.9) no coarse cell is decided. At 0.5 the
 # level maps mix all four levels, so the comparison checks the fuse inside the graph.
@@ -135,6 +135,27 @@ def test_torchscript_bakes_in_the_checkpoints_tau_and_follows_the_input_size(
     assert "tau=0.9 (the checkpoint's)" in printed
     predictor = load(checkpoint, device="cpu", sparse_inference=False)  # the traced path is the dense one
     assert_torchscript_gives_the_predictors_output(path, predictor, [(2, 64, 64), (1, 32, 96)])
+
+
+@pytest.mark.slow
+def test_onnx_of_a_learned_fuse_runs_the_gate_and_the_mixture_in_the_graph(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    run_dir = train_tiny_checkpoint(tmp_path_factory.getbasetemp(), *LEARNED, name="learned_run")
+    path, printed = export(
+        run_dir / "checkpoints" / "last.ckpt", tmp_path, "size=64", f"output={tmp_path / 'm.onnx'}"
+    )
+    assert "learned fuse, tau=0.9" in printed
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = AS_EXPORTED
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    predictor = load(run_dir / "checkpoints" / "last.ckpt", device="cpu")
+    assert predictor.fuse_rule.label == "learned"
+    rgb = images(1, 64, 64, seed=0)
+    mask, level_map = session.run(None, {"image": as_input(rgb)})
+    expected_mask, expected_levels = predicted(predictor, rgb)
+    np.testing.assert_array_equal(mask, expected_mask)
+    np.testing.assert_array_equal(level_map, expected_levels)
 
 
 def test_export_refuses_a_file_that_is_not_an_sfseg_checkpoint(tmp_path: Path):

@@ -489,6 +489,14 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
     assert "### Table 9 of one L=4 job" in markdown
     assert "| l' \\ l | 4 | 3 | 2 | 1 |" in markdown
     assert "finest cells taken (%)" in markdown
+    # The fuse's headroom of the L=4 jobs, over all classes and each class group.
+    for scope in ("all classes", "look-alike classes", "controls classes"):
+        assert f"### The fuse's headroom, {scope}: mIoU (%) on the same pyramids" in markdown
+    assert (
+        "| L | fuse | seeds | fused | hard | soft | hard, bilinear Up | soft, bilinear Up | level 1 alone | "
+        "best single level | oracle |" in markdown
+    )
+    assert markdown.count("| 4 | hard | 2 |") == 3
     goals = [line for line in markdown.splitlines() if line[:3] in ("1. ", "2. ", "3. ")]
     gain, verdicts = goals_recomputed(jobs)
     assert f"L=4 fused - L=1 = {gain:+.2f} mIoU" in goals[0]
@@ -500,6 +508,41 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
     assert sorted(row["model.levels"] for row in rows) == ["1", "4"]
     assert all(row["seeds"] == "2" for row in rows)
     print(markdown)
+
+
+@pytest.mark.slow
+def test_fuse_preset_trains_the_gate_and_compares_the_rules_on_the_same_pyramids(tmp_path: Path):
+    out = tmp_path / "fuse"
+    run_ablation(
+        tmp_path,
+        "--preset",
+        "mechanism_fuse",
+        "--steps",
+        "2",
+        "--seeds",
+        "0",
+        "--out",
+        str(out),
+        *TINY_MECHANISM,
+    )
+    (job,) = [path.parent for path in out.glob("*/metrics.json")]
+    config = yaml.safe_load((job / "config.yaml").read_text())
+    assert config["model"]["fuse"]["name"] == "learned" and config["model"]["levels"] == 4
+    assert config["model"]["backbone"]["name"] == "local" and config["trainer"]["max_steps"] == 2
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(metrics["mIoU_fuse_learned"])
+    assert {"mIoU_fuse_hard", "mIoU_fuse_soft", "mIoU_oracle", "mIoU_best_level"} <= set(metrics)
+    markdown = (out / "report.md").read_text()
+    assert "of the look-alike pixels have a marker of their class" in markdown
+    assert (
+        "| fused | hard | soft | hard, bilinear Up | soft, bilinear Up | learned | level 1 alone |"
+        in markdown
+    )
+    assert "### The fuse's headroom, look-alike classes" in markdown
+    verdicts = [line for line in markdown.splitlines() if line.startswith("- ")]
+    assert len(verdicts) == 9  # hard vs level 1; soft, hard and soft with bilinear Up, learned vs both
+    assert all(line.endswith(("level 1 alone**", "hard**")) for line in verdicts)
+    assert "One job: no seed spread, so a direction, not a result." in markdown
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ NUM_CLASSES = 5
 ABSENT = 3  # never in the ground truth nor in any prediction
 ONLY_PREDICTED = 4  # predicted sometimes, never in the ground truth
 LEVELS = 3  # strides 16, 8, 4
+RULES = ("hard", "soft")  # fuse rules scored on the same pyramids
 
 
 def random_split(seed: int, batches: int = 3, size: int = 32):
@@ -52,6 +53,9 @@ def update(metrics: PyramidMetrics, labels, semantic, unity) -> None:
         unity_logits=unity,
         unity_targets=build_targets(labels, LEVELS).unity,
         level_map=level_map,
+        rule_preds=[
+            to_label_size(fuse(semantic, unity, metrics.tau, rule)[0], labels) for rule in metrics.rules
+        ],
     )
 
 
@@ -149,7 +153,16 @@ def test_pyramid_metrics_match_independent_per_level_and_table9_computations():
 
 def test_every_state_is_summed_over_ranks():
     metrics = PyramidMetrics(NUM_CLASSES, LEVELS)
-    assert set(metrics._reductions) == {"confmat", "specialization", "unity", "cells", "labels"}
+    assert set(metrics._reductions) == {
+        "confmat",
+        "specialization",
+        "unity",
+        "cells",
+        "labels",
+        "oracle",
+        "missed",
+        "rule_confmat",
+    }
     assert all(reduction is dim_zero_sum for reduction in metrics._reductions.values())
     assert SegmentationMetrics(NUM_CLASSES)._reductions == {"confmat": dim_zero_sum}
 
@@ -169,11 +182,14 @@ def assert_same_results(left: PyramidMetrics, right: PyramidMetrics) -> None:
 
 def test_split_over_two_ranks_gives_the_same_metrics_as_one_process():
     batches = list(random_split(seed=2, batches=4))
-    whole = PyramidMetrics(NUM_CLASSES, LEVELS)
+    whole = PyramidMetrics(NUM_CLASSES, LEVELS, rules=RULES)
     for batch in batches:
         update(whole, *batch)
 
-    rank0, rank1 = PyramidMetrics(NUM_CLASSES, LEVELS), PyramidMetrics(NUM_CLASSES, LEVELS)
+    rank0, rank1 = (
+        PyramidMetrics(NUM_CLASSES, LEVELS, rules=RULES),
+        PyramidMetrics(NUM_CLASSES, LEVELS, rules=RULES),
+    )
     for index, batch in enumerate(batches):
         update(rank0 if index % 2 == 0 else rank1, *batch)
     one_rank_alone = segmentation_scores(rank0.confmat[0])["mIoU"]
@@ -184,11 +200,11 @@ def test_split_over_two_ranks_gives_the_same_metrics_as_one_process():
 
 def test_every_read_out_syncs_through_the_ddp_gather_path():
     batches = list(random_split(seed=3, batches=4))
-    whole = PyramidMetrics(NUM_CLASSES, LEVELS)
+    whole = PyramidMetrics(NUM_CLASSES, LEVELS, rules=RULES)
     for batch in batches:
         update(whole, *batch)
 
-    other_rank = PyramidMetrics(NUM_CLASSES, LEVELS)
+    other_rank = PyramidMetrics(NUM_CLASSES, LEVELS, rules=RULES)
     partner: dict[int, torch.Tensor] = {}
 
     def gather(tensor: torch.Tensor, group=None) -> list[torch.Tensor]:
@@ -196,7 +212,7 @@ def test_every_read_out_syncs_through_the_ddp_gather_path():
         return [tensor, partner[id(tensor)]]
 
     this_rank = PyramidMetrics(
-        NUM_CLASSES, LEVELS, dist_sync_fn=gather, distributed_available_fn=lambda: True
+        NUM_CLASSES, LEVELS, rules=RULES, dist_sync_fn=gather, distributed_available_fn=lambda: True
     )
     for index, batch in enumerate(batches):
         update(this_rank if index % 2 == 0 else other_rank, *batch)
@@ -212,6 +228,8 @@ def test_every_read_out_syncs_through_the_ddp_gather_path():
     assert this_rank.compute() == pytest.approx(whole.compute(), nan_ok=True)
     pair_states()
     assert_same_per_class(this_rank.per_class(), whole.per_class())
+    pair_states()
+    assert this_rank.headroom() == pytest.approx(whole.headroom(), nan_ok=True)
     pair_states()
     report = this_rank.specialization_report()
     for key, value in whole.specialization_report().items():

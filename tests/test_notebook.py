@@ -39,6 +39,7 @@ def test_notebook_runs_on_a_checkpoint_and_draws_the_pyramids_tables_tau_sweep_a
     assert len(pictures) == 5  # the pyramids of a few images, Table 9, Fig. 3, the tau trade-off, reliability
     printed = "".join(output.get("text", "") for output in outputs if output.output_type == "stream")
     assert "L=4 levels" in printed and "labels needed" in printed and "unity level1" in printed
+    assert "fuse rule of the model: hard" in printed and "oracle fuse" in printed and "rule soft" in printed
     assert "labels per image  <- the model's tau" in printed  # the tau sweep includes the model's own
     first_cell = next(cell for cell in notebook.cells if cell.cell_type == "code")
     shown = [

@@ -12,6 +12,11 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
   mechanism_table6, mechanism_table7, mechanism_levels  the paper's other ablations (experiment=table6,
       table7, levels) in the same regime, in the paper's layout, again on the look-alike classes only.
       The levels sweep runs without a context module here (the regime's), the paper's with c2f.
+  mechanism_fuse, fuse_default  the fuse rules (docs/fuse.md) on the same pyramids: L=4 jobs that train
+      the learned fuse's gate (model/fuse=learned; the gate reads the pyramids detached, so they train as
+      under Eq. 2), seeds 0,1,2, in the controlled experiment and on the embedded default (900 steps).
+      Every job scores hard, soft and learned, level 1 alone, the best single level and the oracle fuse;
+      the report checks each rule against level 1 alone and against hard.
 
 Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 """
@@ -30,7 +35,7 @@ from typing import Any
 from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES, cue_coverage, draw_context_scene
 from sfseg.models.backbones import LocalResNet
 from sfseg.pyramid import level_strides
-from sfseg.sweeps import load_job_config, write_mechanism_report, write_report
+from sfseg.sweeps import load_job_config, write_fuse_report, write_mechanism_report, write_report
 
 LOOK_ALIKE = ("look-alike", LOOK_ALIKE_CLASSES)
 CONTROLS = ("controls", tuple(name for name in CONTEXT_CLASSES if name not in LOOK_ALIKE_CLASSES))
@@ -51,6 +56,7 @@ MECHANISM_REGIME = (
     "trainer.check_val_every_n_epoch=1000",
 )
 MECHANISM_STEPS = 1000
+DEFAULT_STEPS = 900  # experiment=synthetic's, `make train`'s
 PAPER_TABLE6_CELLS = (
     "single_none",
     "single_anl",
@@ -110,6 +116,14 @@ def cue_note(config: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def report_fuse(sweep_dir: Path) -> str:
+    """The fuse rules compared; on the look-alike scenes also over the look-alike classes and the controls."""
+    config = load_job_config(next(sweep_dir.glob("*/config.yaml")).parent)
+    look_alike = config["data"]["_target_"].endswith("SyntheticContextDataModule")
+    groups = dict([LOOK_ALIKE, CONTROLS]) if look_alike else {}
+    return write_fuse_report(sweep_dir, groups, cue_note(config))[2]
+
+
 def report_layout_and_look_alike(sweep_dir: Path) -> str:
     return write_report(sweep_dir, focus=LOOK_ALIKE)[2]
 
@@ -125,6 +139,14 @@ PRESETS: dict[str, Preset] = {
     "mechanism": Preset(
         "mechanism", ("experiment=mechanism", "model.levels=1,4"), MECHANISM_STEPS, "0,1,2", report_mechanism
     ),
+    "mechanism_fuse": Preset(
+        "mechanism_fuse",
+        ("experiment=mechanism", "model/fuse=learned"),
+        MECHANISM_STEPS,
+        "0,1,2",
+        report_fuse,
+    ),
+    "fuse_default": Preset("fuse_default", ("model/fuse=learned",), DEFAULT_STEPS, "0,1,2", report_fuse),
     "mechanism_table6": Preset(
         "mechanism_table6",
         # the paper's cells (none / anl / anl_multi / c2f); OCR and CCNet are left to the full table6

@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sfseg.pyramid import FINEST_STRIDE, IGNORE_INDEX, level_strides, repeat_cells
+from sfseg.pyramid import FINEST_STRIDE, IGNORE_INDEX, level_strides, mixed_cells, repeat_cells
+
+# Rows of `missed_counts`: pixels in level-1 cells of one class / of several classes (ground truth).
+MISSED_ROWS = ("pure", "mixed")
+# Columns of `missed_counts`: valid pixels, pixels the fused output gets wrong, and of those the pixels
+# that some level's own prediction gets right (the fuse took the wrong level there).
+MISSED_COLUMNS = ("pixels", "fused_wrong", "missed")
 
 
 def class_iou(confmat: Tensor) -> Tensor:
@@ -108,6 +114,37 @@ def labels_per_level(level_map: Tensor, num_levels: int) -> Tensor:
         cells = F.max_pool2d(taken, kernel_size=factor, stride=factor, ceil_mode=True)
         counts.append(cells.sum().long())
     return torch.stack(counts)
+
+
+def oracle_prediction(fused_pred: Tensor, level_preds: Sequence[Tensor], target: Tensor) -> Tensor:
+    """The oracle fuse [B, H, W]: the true class wherever some level's own prediction is right, else the
+    fused prediction. Every pixel it gets right, the fused output or some level gets right, so its
+    accuracy bounds any rule that picks one level per pixel; its confusion matrix (hence per-class IoU)
+    keeps the fused output's errors where no level is right."""
+    any_right = (torch.stack(list(level_preds)) == target).any(0)
+    return torch.where(any_right, target, fused_pred)
+
+
+def missed_counts(
+    fused_pred: Tensor,
+    level_preds: Sequence[Tensor],
+    target: Tensor,
+    cell_stride: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> Tensor:
+    """Where the fuse picks a wrong level: int64 [2, 3], rows MISSED_ROWS (the pixel's cell of side
+    `cell_stride`, the coarsest level's, holds one class / several classes in the ground truth), columns
+    MISSED_COLUMNS (valid pixels; fused output wrong; fused wrong while some level's prediction is right).
+    All maps are [B, H, W]; H and W need not be multiples of cell_stride (the labels are padded with
+    ignore)."""
+    height, width = target.shape[-2:]
+    padded = F.pad(target, (0, -width % cell_stride, 0, -height % cell_stride), value=ignore_index)
+    mixed = repeat_cells(mixed_cells(padded, cell_stride, ignore_index), cell_stride)[..., :height, :width]
+    valid = target != ignore_index
+    wrong = valid & (fused_pred != target)
+    missed = wrong & (torch.stack(list(level_preds)) == target).any(0)
+    columns = torch.stack([valid, wrong, missed])  # [3, B, H, W]
+    return torch.stack([(columns & ~mixed).sum((1, 2, 3)), (columns & mixed).sum((1, 2, 3))])
 
 
 def unity_precision_recall(counts: Tensor) -> tuple[Tensor, Tensor]:

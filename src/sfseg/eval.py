@@ -4,17 +4,19 @@ The model, its L, tau and classes come from the checkpoint (`sfseg.inference.loa
 whole-image or sliding-window (`eval.mode=slide`), optionally multi-scale + flip (`eval.scales`,
 `eval.flip`), from the fused output or the finest level only (`eval.fuse=false`, Table 8's "auxiliary
 supervision"). A single-scale whole-image pass of the fused pyramid also feeds the specialization
-analysis (Sec. 5.5) and the unity pyramid's reliability diagrams; `eval.tau` overrides the checkpoint's
-tau, and `eval.tau_sweep=[...]` re-fuses that pass's pyramids at each tau (the tau trade-off). The eval
-folder (default `<training run>/eval`, see `default_eval_folder`) gets metrics.json, per_class.csv,
-specialization.json, table9.png, fig3.png, unity_calibration.json and .png, and with a sweep
-tau_sweep.csv, .md and .png.
+analysis (Sec. 5.5), the fuse's headroom (metrics.json["headroom"]: each level alone, the best single
+level, the oracle fuse, the pixels the fuse missed, every training-free fuse rule on the same pyramids;
+docs/fuse.md) and the unity pyramid's reliability diagrams; `eval.tau` overrides the checkpoint's tau,
+and `eval.tau_sweep=[...]` re-fuses that pass's pyramids at each tau (the tau trade-off). The fuse rule
+is the checkpoint's (model.fuse.name). The eval folder (default `<training run>/eval`, see
+`default_eval_folder`) gets metrics.json, per_class.csv, specialization.json, table9.png, fig3.png,
+unity_calibration.json and .png, and with a sweep tau_sweep.csv, .md and .png.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from sfseg.cli import hydra_main, short_errors
 from sfseg.inference import (
     InferenceSettings,
+    Predictor,
     autocast,
     evaluate,
     load,
@@ -70,16 +73,18 @@ ConfigStore.instance().store(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt_path` on `cfg.data`'s val split; write and return the metrics."""
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    settings = InferenceSettings.from_config(cfg.eval)
-    device = resolve_device(cfg.eval.device)
-    autocast(device, cfg.eval.autocast)  # validates the key before the long part
-    predictor = load(cfg.ckpt_path, device=device, autocast=cfg.eval.autocast)
+    predictor, settings = load_predictor(cfg)
     checkpoint_tau = predictor.tau
     if cfg.eval.tau is not None:
         predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
     taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
     if HydraConfig.get().runtime.choices.get("data") == CHECKPOINT_DATA:
         cfg.data = predictor.training_data(cfg.data)
+    if (taus or cfg.eval.tau is not None) and not predictor.fuse_rule.reads_tau:
+        print(
+            f"note: the {predictor.fuse_rule.label} fuse does not read tau; eval.tau and eval.tau_sweep leave "
+            "it as is"
+        )
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
     evaluation = evaluate(
@@ -101,12 +106,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "autocast": predictor.autocast,
             "tau": predictor.tau,
             "checkpoint_tau": checkpoint_tau,
+            "fuse_rule": predictor.fuse_rule.label,
         },
+        "headroom": evaluation.headroom(),
     }
     specialization = evaluation.specialization()
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
-    write_per_class_csv(out_dir / "per_class.csv", scores)
+    write_per_class_csv(out_dir / "per_class.csv", scores, evaluation.per_class_headroom())
     write_json(out_dir / "specialization.json", specialization)
     save_figure(table9_figure(specialization), out_dir / "table9.png")
     save_figure(fig3_figure(specialization), out_dir / "fig3.png")
@@ -116,12 +123,42 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         written += write_tau_sweep(out_dir, evaluation, checkpoint_tau)
 
     print("\n" + per_class_table(scores))
-    print(f"\n{evaluation.num_images} images, {settings.describe()}, tau={predictor.tau:g}")
+    print(
+        f"\n{evaluation.num_images} images, {settings.describe()}, {predictor.fuse_rule.label} fuse, tau={predictor.tau:g}"
+    )
+    print(headroom_line(metrics["headroom"], predictor.levels))
     if taus:
         print("\n" + (out_dir / "tau_sweep.md").read_text())
     for path in written:
         print(f"  {path}")
     return metrics
+
+
+def load_predictor(cfg: DictConfig) -> tuple[Predictor, InferenceSettings]:
+    """The checkpoint's predictor and the `eval` settings, with sparse inference off when the model's
+    fuse rule needs every level at every cell (the predictor says so in one line)."""
+    settings = InferenceSettings.from_config(cfg.eval)
+    device = resolve_device(cfg.eval.device)
+    autocast(device, cfg.eval.autocast)  # validates the key before the long part
+    predictor = load(
+        cfg.ckpt_path, device=device, autocast=cfg.eval.autocast, sparse_inference=settings.sparse
+    )
+    return predictor, replace(settings, sparse=predictor.sparse_inference)
+
+
+def headroom_line(headroom: dict[str, Any], levels: int) -> str:
+    """One line: the single-scale fused mIoU beside each level alone, the best level, the oracle fuse and
+    every compared rule (percent)."""
+    parts = [f"fused {100 * headroom['mIoU']:.2f}"]
+    parts += [f"level {level} {100 * headroom[f'mIoU_level{level}']:.2f}" for level in range(1, levels + 1)]
+    parts += [f"best level ({headroom['best_level']}) {100 * headroom['mIoU_best_level']:.2f}"]
+    parts += [f"oracle {100 * headroom['mIoU_oracle']:.2f}"]
+    parts += [
+        f"{key.removeprefix('mIoU_fuse_')} {100 * value:.2f}"
+        for key, value in headroom.items()
+        if key.startswith("mIoU_fuse_")
+    ]
+    return "single-scale mIoU (%): " + ", ".join(parts)
 
 
 def sweep_taus(tau_sweep: Sequence[float], checkpoint_tau: float) -> list[float]:

@@ -2,8 +2,8 @@
 
 Writes one model file with input `image` (float32 RGB in 0..255, [N, 3, H, W]) and outputs `mask`
 (int64 class ids [N, H, W]) and `level_map` (int64 [N, H/4, W/4], 0 = coarsest level): the ImageNet
-normalisation, the network, Eq. 2's fuse with the checkpoint's tau (or `tau=`), the bilinear
-upsampling and the argmax are inside the graph (`sfseg.inference.deployment`). Prints the file, its
+normalisation, the network, the checkpoint's fuse rule (Eq. 2 with the checkpoint's tau or `tau=`; the
+soft or learned fuse), the bilinear upsampling and the argmax are inside the graph (`sfseg.inference.deployment`). Prints the file, its
 size, the ONNX opset and the input and outputs with their shapes.
 """
 
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> ExportedModel:
     )
     print(f"\nexported {exported.describe()}")
     print(
-        f"tau={predictor.tau:g} ({source}), L={predictor.levels} levels, {predictor.num_classes} classes, "
+        f"{predictor.fuse_rule.label} fuse, tau={predictor.tau:g} ({source}), L={predictor.levels} levels, {predictor.num_classes} classes, "
         f"H and W multiples of {predictor.net.size_divisor}"
         + ("" if cfg.dynamic or cfg.format == "torchscript" else f", fixed size {size[0]}x{size[1]}")
     )

@@ -16,6 +16,8 @@ from sfseg.analysis import (
     iou_minus_fused,
     labels_per_level,
     mean_iou,
+    missed_counts,
+    oracle_prediction,
     reliability,
     specialization_confusion,
     specialization_miou,
@@ -25,6 +27,7 @@ from sfseg.pyramid import (
     IGNORE_INDEX,
     check_tau,
     level_counts,
+    level_strides,
     unity_calibration_counts,
     unity_counts,
 )
@@ -90,6 +93,9 @@ class PyramidMetrics(_SyncedMetric):
     """Accumulates, over a split, the confusion matrices of the fused output and of each level's own
     prediction, Table 9's confusion matrices (pixels grouped by the level the fused map took them
     from), the unity pyramid's hits at tau, and how many finest cells and labels each level gives.
+    The fuse's headroom (docs/fuse.md): the oracle fuse's confusion matrix, the pixels where the fuse
+    took a wrong level while another was right (split by the level-1 cell being mixed), and the
+    confusion matrix of each fuse rule in `rules` applied to the same pyramids.
 
     Every state is a sum, so under DDP the ranks' states add up to the whole split's. Extra keyword
     arguments go to torchmetrics' Metric (e.g. `dist_sync_fn`).
@@ -103,6 +109,7 @@ class PyramidMetrics(_SyncedMetric):
         num_levels: int,
         tau: float = 0.9,
         ignore_index: int = IGNORE_INDEX,
+        rules: Sequence[str] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -110,6 +117,7 @@ class PyramidMetrics(_SyncedMetric):
         self.num_levels = num_levels
         self.tau = tau
         self.ignore_index = ignore_index
+        self.rules = tuple(rules)
         # Row 0 is the fused output, rows 1..L are levels 1..L.
         self.add_state(
             "confmat", torch.zeros(num_levels + 1, num_classes, num_classes, dtype=torch.long), "sum"
@@ -123,6 +131,12 @@ class PyramidMetrics(_SyncedMetric):
         self.add_state("unity", torch.zeros(max(num_levels - 1, 0), 3, dtype=torch.long), "sum")
         self.add_state("cells", torch.zeros(num_levels, dtype=torch.long), "sum")
         self.add_state("labels", torch.zeros(num_levels, dtype=torch.long), "sum")
+        self.add_state("oracle", torch.zeros(num_classes, num_classes, dtype=torch.long), "sum")
+        # [level-1 cell pure / mixed, valid pixels / fused wrong / fused wrong but some level right]
+        self.add_state("missed", torch.zeros(2, 3, dtype=torch.long), "sum")
+        self.add_state(
+            "rule_confmat", torch.zeros(len(self.rules), num_classes, num_classes, dtype=torch.long), "sum"
+        )
 
     def update(
         self,
@@ -132,12 +146,22 @@ class PyramidMetrics(_SyncedMetric):
         unity_logits: list[Tensor],
         unity_targets: list[Tensor],
         level_map: Tensor,
+        rule_preds: Sequence[Tensor] = (),
     ) -> None:
         """fused_pred, level_preds (L maps) and target are [B, H, W] at label size; level_map is
-        `fuse`'s [B, h_L, w_L], and the label size must be a whole multiple of it."""
+        `fuse`'s [B, h_L, w_L], and the label size must be a whole multiple of it. rule_preds: the fused
+        prediction of each of `self.rules` on the same pyramids, [B, H, W] each."""
+        if len(rule_preds) != len(self.rules):
+            raise ValueError(f"expected one prediction per rule {list(self.rules)}, got {len(rule_preds)}")
         preds = [fused_pred, *level_preds]
         for row, pred in enumerate(preds):
             self.confmat[row] += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        oracle = oracle_prediction(fused_pred, level_preds, target)
+        self.oracle += confusion_matrix(oracle, target, self.num_classes, self.ignore_index)
+        coarsest_stride = level_strides(self.num_levels)[0]
+        self.missed += missed_counts(fused_pred, level_preds, target, coarsest_stride, self.ignore_index)
+        for row, pred in enumerate(rule_preds):
+            self.rule_confmat[row] += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         self.specialization += specialization_confusion(
             level_preds, target, level_map, self.num_classes, self.ignore_index
         )
@@ -151,9 +175,9 @@ class PyramidMetrics(_SyncedMetric):
     def compute(self) -> dict[str, float]:
         fused = segmentation_scores(self.confmat[0])
         result = {"mIoU": fused["mIoU"], "pixel_acc": fused["pixel_acc"], "mean_acc": fused["mean_acc"]}
-        for level, miou in enumerate(mean_iou(self.confmat[1:]).tolist(), start=1):
-            result[f"mIoU_level{level}"] = miou
+        result.update(self._level_scores())
         result["mIoU_finest"] = result[f"mIoU_level{self.num_levels}"]
+        result.update(self._headroom())
         precision, recall = unity_precision_recall(self.unity)
         for level, (prec, rec) in enumerate(zip(precision.tolist(), recall.tolist(), strict=True), start=1):
             result[f"unity_precision_level{level}"] = prec
@@ -165,11 +189,49 @@ class PyramidMetrics(_SyncedMetric):
         result["labels_per_finest_cell"] = float(self.labels.sum() / self.cells.sum().clamp(min=1))
         return result
 
+    def headroom(self) -> dict[str, float]:
+        """The fused mIoU beside its headroom (docs/fuse.md): each level alone (mIoU_level<l>), the best
+        single level, the oracle fuse, the pixels the fuse missed, and each compared rule."""
+        with self.synced():
+            return {"mIoU": float(mean_iou(self.confmat[0])), **self._level_scores(), **self._headroom()}
+
+    def _level_scores(self) -> dict[str, float]:
+        levels = mean_iou(self.confmat[1:]).tolist()
+        return {f"mIoU_level{level}": miou for level, miou in enumerate(levels, start=1)}
+
+    def _headroom(self) -> dict[str, float]:
+        """The fuse's headroom (docs/fuse.md): the best single level, the oracle fuse, the shares of
+        valid pixels the fuse missed (wrong while some level was right), in all and in level-1 cells
+        that are mixed / of one class in the ground truth, and the mIoU of each compared rule."""
+        level_miou = mean_iou(self.confmat[1:])
+        best = int(torch.nan_to_num(level_miou, nan=-1.0).argmax())
+        valid, _, missed = self.missed.double().unbind(-1)  # each [pure, mixed]
+        total = valid.sum().clamp(min=1)
+        result = {
+            "best_level": best + 1,
+            "mIoU_best_level": float(level_miou[best]),
+            "mIoU_oracle": float(mean_iou(self.oracle)),
+            "missed_share": float(missed.sum() / total),
+            "missed_share_mixed": float(missed[1] / total),
+            "missed_share_pure": float(missed[0] / total),
+            "mixed_pixel_share": float(valid[1] / total),
+        }
+        for rule, miou in zip(self.rules, mean_iou(self.rule_confmat).tolist(), strict=True):
+            result[f"mIoU_fuse_{rule}"] = miou
+        return result
+
     def per_class(self) -> dict[str, list[float]]:
-        """Per-class IoU and accuracy of the fused output."""
+        """Per-class IoU and accuracy of the fused output, IoU of each level's own prediction
+        (iou_level<l>) and of the oracle fuse (iou_oracle)."""
         with self.synced():
             scores = segmentation_scores(self.confmat[0])
-        return {"iou": scores["iou"], "acc": scores["acc"]}
+            levels = class_iou(self.confmat[1:]).tolist()
+            return {
+                "iou": scores["iou"],
+                "acc": scores["acc"],
+                **{f"iou_level{level}": iou for level, iou in enumerate(levels, start=1)},
+                "iou_oracle": class_iou(self.oracle).tolist(),
+            }
 
     def specialization_report(self) -> dict[str, Tensor]:
         """The Sec. 5.5 analysis of the split, as tensors (float64 scores, NaN where undefined):

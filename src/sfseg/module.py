@@ -11,15 +11,18 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sfseg.inference import Predictor, fused_logits, level_predictions
+from sfseg.inference import Predictor, compared_rules, fused_logits, level_predictions, rule_predictions
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
+from sfseg.models.segmenter import fuse_config
 from sfseg.pyramid import (
     IGNORE_INDEX,
     RELABEL_POLICIES,
     SEMANTIC_LOSSES,
+    FuseRule,
     Ohem,
     PyramidTargets,
+    fuse,
     pyramid_loss,
     relabel,
     semantic_ce,
@@ -76,13 +79,25 @@ def training_loss(
     ohem: Ohem | None = None,
     aux_weight: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
+    fuse_rule: FuseRule | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of one batch: Eq. 1 on the targets relabelled by `policy`, plus OCR's weighted
-    auxiliary CE when the net has that head. Returns the total and its terms by their logged names."""
+    auxiliary CE when the net has that head, plus the CE of the net's learned fuse (`fuse_rule`, default
+    learned with its default Up()) when the net has a fuse gate. Returns the total and its terms by their
+    logged names."""
     loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, policy, tau), ohem)
     total = loss.total
     terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
     terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
+    if out.gate_logits is not None:
+        # The learned fuse's output against the finest labels (before relabelling: every pixel counts).
+        # The pyramids enter detached, so this CE trains the gate only and leaves the pyramids as Eq. 1
+        # trains them.
+        semantic = [logits.detach() for logits in out.semantic]
+        unity = [logits.detach() for logits in out.unity]
+        fused, _ = fuse(semantic, unity, tau, fuse_rule or FuseRule("learned"), out.gate_logits)
+        terms["train/fuse_ce"] = semantic_ce(fused, targets.semantic[-1], ignore_index)
+        total = total + terms["train/fuse_ce"]
     if out.auxiliary is not None:
         # OCR's auxiliary head, against the finest labels before relabelling: it must find the
         # object regions everywhere. Plain CE, as HRNet-OCR trains it even with OHEM.
@@ -116,15 +131,17 @@ class SpecializeAndFuseModule(L.LightningModule):
         loss: Mapping[str, Any] | None = None,
         palette: Sequence[Sequence[int]] | None = None,
         label_values: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        fuse: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
-        backbone, context, relabel, optimizer, loss = (
+        backbone, context, relabel, optimizer, loss, fuse = (
             plain(backbone),
             plain(context),
             plain(relabel),
             plain(optimizer),
             plain(loss),
+            plain(fuse),
         )
         policy = relabel["policy"]
         if policy not in RELABEL_POLICIES:
@@ -136,6 +153,7 @@ class SpecializeAndFuseModule(L.LightningModule):
                 f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
             )
         self.ohem = semantic_loss(loss)
+        self.fuse_settings = fuse_config(fuse)
         self.aux_weight = auxiliary_weight(context)
         self.save_hyperparameters()
         self.policy = policy
@@ -145,7 +163,11 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.net = PyramidSegmenter.from_hparams(self.hparams)
-        self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index)
+        # Every training-free rule (and the net's learned one) is scored on the same pyramids.
+        self.compared_rules = compared_rules(self.net)
+        self.val_metrics = PyramidMetrics(
+            num_classes, levels, tau, ignore_index, [rule.label for rule in self.compared_rules]
+        )
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
         # PyramidMetrics' states (confusion matrices, unity hits, cells per level) of the last validation.
@@ -168,7 +190,14 @@ class SpecializeAndFuseModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.net(batch["image"])
         total, terms = training_loss(
-            out, batch["targets"], self.policy, self.tau, self.ohem, self.aux_weight, self.ignore_index
+            out,
+            batch["targets"],
+            self.policy,
+            self.tau,
+            self.ohem,
+            self.aux_weight,
+            self.ignore_index,
+            self.net.fuse_rule,
         )
         batch_size = batch["image"].shape[0]
         self._check_finite({"train/loss": total, **terms})
@@ -201,7 +230,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau), self.ohem
         )
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
-        fused, level_map = fused_logits(out, label.shape[-2:], self.tau)
+        fused, level_map = fused_logits(out, label.shape[-2:], self.tau, rule=self.net.fuse_rule)
         fused_pred = fused.argmax(1)
         self.val_metrics.update(
             fused_pred=fused_pred,
@@ -210,6 +239,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             unity_logits=out.unity,
             unity_targets=targets.unity,
             level_map=level_map,
+            rule_preds=rule_predictions(out, label.shape[-2:], self.tau, self.compared_rules),
         )
         return {"fused_pred": fused_pred, "level_map": level_map}
 
@@ -227,13 +257,21 @@ class SpecializeAndFuseModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
         backbone_params = list(self.net.backbone.parameters())
-        backbone_ids = {id(p) for p in backbone_params}
-        head_params = [p for p in self.net.parameters() if id(p) not in backbone_ids]
+        gate_params = list(self.net.fuse_gate.parameters()) if self.net.fuse_gate is not None else []
+        own_groups = {id(p) for p in backbone_params + gate_params}
+        head_params = [p for p in self.net.parameters() if id(p) not in own_groups]
+        groups = [
+            {"params": backbone_params, "lr": config["lr"]},
+            {"params": head_params, "lr": config["lr"] * config["head_lr_mult"]},
+        ]
+        if gate_params:
+            # The fuse loss's gradient is small wherever the levels agree (most cells), so with the heads'
+            # lr the gate barely moves under SGD; model.fuse.lr_mult scales its lr (docs/fuse.md).
+            groups.append(
+                {"params": gate_params, "lr": config["lr"] * self.fuse_settings.get("lr_mult", 1.0)}
+            )
         optimizer = torch.optim.SGD(
-            [
-                {"params": backbone_params, "lr": config["lr"]},
-                {"params": head_params, "lr": config["lr"] * config["head_lr_mult"]},
-            ],
+            groups,
             lr=config["lr"],
             momentum=config["momentum"],
             weight_decay=config["weight_decay"],

@@ -21,6 +21,15 @@ FINEST_STRIDE = 4
 IGNORE_INDEX = 255
 RELABEL_POLICIES = ("naive", "oracle", "true_positive")
 SEMANTIC_LOSSES = ("ce", "ohem")  # model.loss.name: Eq. 1's plain CE, or HRNet-OCR's OHEM CE
+# model.fuse.name (docs/fuse.md): Eq. 2 (`hard`, the paper's); `soft`, each level's class probabilities
+# weighted by the probability that it is the coarsest unity level; `learned`, weights from a small gate
+# trained on the detached pyramids (models.heads.FuseGate).
+FUSE_RULES = ("hard", "soft", "learned")
+# model.fuse.upsample: how a coarser level's semantic map reaches the finest cells (Eq. 2's Up()).
+UPSAMPLE_MODES = ("nearest", "bilinear")
+# Each rule's Up() unless model.fuse.upsample says otherwise: nearest for Eq. 2 (DESIGN 1) and its soft
+# reading, bilinear for the learned fuse (docs/fuse.md says why).
+DEFAULT_UPSAMPLE = {"hard": "nearest", "soft": "nearest", "learned": "bilinear"}
 
 
 def level_strides(num_levels: int, finest_stride: int = FINEST_STRIDE) -> list[int]:
@@ -92,14 +101,7 @@ def build_targets(labels: Tensor, num_levels: int, ignore_index: int = IGNORE_IN
     labels = labels.long()
     if num_levels == 1:
         return PyramidTargets(semantic=[labels], unity=[], ignore_index=ignore_index)
-    _check_label_range(labels, ignore_index)
-
-    # In uint8 arithmetic (mod 256), `label - ignore_index` maps the ignore index to 0 and every class
-    # to 1..255, and one less maps it to 255 and every class to 0..254. So a plain max (min) over a
-    # cell skips its ignored pixels, with no masks, on 1-byte values: the cheapest reduction there is.
-    high = labels.to(torch.uint8) - ignore_index
-    low = high - 1
-
+    low, high = _label_bounds(labels, ignore_index)
     semantic: list[Tensor] = []
     unity: list[Tensor] = []
     cell = 1  # low/high start at pixel resolution
@@ -116,6 +118,27 @@ def build_targets(labels: Tensor, num_levels: int, ignore_index: int = IGNORE_IN
     unity.reverse()
     semantic.append(labels)
     return PyramidTargets(semantic=semantic, unity=unity, ignore_index=ignore_index)
+
+
+def _label_bounds(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Labels as uint8 (low, high) whose per-cell min of low and max of high skip ignored pixels:
+    a cell with a valid pixel has high > 0, and it holds one class exactly when low + 1 == high.
+
+    In uint8 arithmetic (mod 256), `label - ignore_index` maps the ignore index to 0 and every class
+    to 1..255, and one less maps it to 255 and every class to 0..254. So a plain max (min) over a
+    cell skips its ignored pixels, with no masks, on 1-byte values: the cheapest reduction there is."""
+    _check_label_range(labels, ignore_index)
+    high = labels.to(torch.uint8) - ignore_index
+    return high - 1, high
+
+
+def mixed_cells(labels: Tensor, stride: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per stride x stride cell of labels [B, H, W] (H, W multiples of stride): whether its valid pixels
+    hold more than one class (a mix cell, Sec. 3.1), [B, H/stride, W/stride] bool. A cell without a
+    valid pixel is not mixed."""
+    low, high = _label_bounds(labels.long(), ignore_index)
+    low, high = _pool_cells(low, stride, torch.amin), _pool_cells(high, stride, torch.amax)
+    return (high > 0) & (low + 1 != high)
 
 
 def _check_label_range(labels: Tensor, ignore_index: int) -> None:
@@ -199,27 +222,133 @@ def _ignore_cells(target: Tensor, coarse_mask: Tensor, ignore: int) -> Tensor:
     return masked.reshape(target.shape)
 
 
-def fuse(
-    semantic_logits: list[Tensor], unity_logits: list[Tensor], tau: float = 0.9
-) -> tuple[Tensor, Tensor]:
-    """Fuse the two pyramids into one prediction at the finest level (Eq. 2).
+@dataclass(frozen=True)
+class FuseRule:
+    """How the two pyramids become one prediction (model.fuse, docs/fuse.md): the rule's name
+    (FUSE_RULES) and Up(), how a coarser level's semantic map reaches the finest cells (UPSAMPLE_MODES;
+    None: the rule's DEFAULT_UPSAMPLE)."""
 
-    Each finest cell takes the semantic logits of the coarsest level whose predicted unity >= tau;
-    level L always accepts. Up() is nearest-neighbour. Returns the fused logits [B, C, h_L, w_L] and
-    the level map [B, h_L, w_L] with level indices 0..L-1 (0 = coarsest).
+    name: str = "hard"
+    upsample: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in FUSE_RULES:
+            raise ValueError(f"model.fuse.name={self.name!r} is not one of {', '.join(FUSE_RULES)}")
+        if self.upsample is None:
+            object.__setattr__(self, "upsample", DEFAULT_UPSAMPLE[self.name])
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(
+                f"model.fuse.upsample={self.upsample!r} is not one of {', '.join(UPSAMPLE_MODES)}"
+            )
+
+    @property
+    def label(self) -> str:
+        """The rule's name, with its Up() when that is not the rule's default (e.g. hard_bilinear)."""
+        return self.name if self.upsample == DEFAULT_UPSAMPLE[self.name] else f"{self.name}_{self.upsample}"
+
+    @property
+    def sparse(self) -> bool:
+        """Whether sparse inference computes this fuse exactly: each finest cell comes from one level that
+        the unity pyramid alone picks and reads that level's own cell only (Eq. 2 with nearest Up)."""
+        return self.name == "hard" and self.upsample == "nearest"
+
+    @property
+    def reads_tau(self) -> bool:
+        return self.name == "hard"
+
+    @property
+    def trained(self) -> bool:
+        """Whether the rule has a part trained with the net (the learned fuse's gate)."""
+        return self.name == "learned"
+
+
+# The rules that need no trained part: evaluation scores each of them on the same pyramids.
+TRAINING_FREE_FUSE_RULES = (
+    FuseRule("hard"),
+    FuseRule("soft"),
+    FuseRule("hard", "bilinear"),
+    FuseRule("soft", "bilinear"),
+)
+
+
+def fuse(
+    semantic_logits: list[Tensor],
+    unity_logits: list[Tensor],
+    tau: float = 0.9,
+    rule: FuseRule | str = "hard",
+    gate_logits: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Fuse the two pyramids into one prediction at the finest level with `rule` (docs/fuse.md; a name
+    takes the rule's default Up()).
+
+    hard (Eq. 2, the default): each finest cell takes the semantic logits of the coarsest level whose
+        predicted unity >= tau; level L always accepts.
+    soft: each level's class probabilities weighted by u_l * prod_{k<l} (1 - u_k) (u: predicted unity
+        probability; level L takes prod_{k<L} (1 - u_k)); tau is not read.
+    learned: each level's class probabilities weighted by softmax(gate_logits) over the levels, the
+        [B, L, h_L, w_L] output of the net's fuse gate (`PyramidOutput.gate_logits`); tau is not read.
+    Up() (rule.upsample): nearest repeats a coarse cell over its finest cells; bilinear interpolates each
+    level's logits to the finest cells, as "level l alone" is upsampled to the image.
+
+    Returns the fused logits [B, C, h_L, w_L] (soft, learned: the log of the mixed probabilities, in
+    float32) and the level map [B, h_L, w_L], levels 0..L-1 (0 = coarsest): the level each finest cell
+    was taken from (soft, learned: the level of the largest weight).
     """
+    rule = FuseRule(rule) if isinstance(rule, str) else rule
     levels = len(semantic_logits)
     if len(unity_logits) != levels - 1:
         raise ValueError(
             f"fuse needs L-1={levels - 1} unity maps for L={levels} levels, got {len(unity_logits)}"
         )
-    if levels == 1:
+    if levels == 1:  # one level: every rule takes it
         finest = semantic_logits[0]
         return finest, finest.new_zeros(finest.shape[:1] + finest.shape[2:], dtype=torch.long)
+    if rule.name == "hard":
+        fused, level_map = _hard_fuse(semantic_logits, unity_logits, tau)
+        if rule.upsample == "bilinear":
+            upsampled = upsample_levels(semantic_logits, "bilinear")
+            fused = upsampled[0]
+            for level in range(1, levels):
+                fused = torch.where((level_map == level).unsqueeze(1), upsampled[level], fused)
+        return fused, level_map
+    if rule.name == "soft":
+        log_weights = soft_level_log_weights(unity_logits, levels)
+    else:
+        if gate_logits is None:
+            raise ValueError(
+                "the learned fuse needs the fuse gate's level logits (PyramidOutput.gate_logits), and this "
+                "output has none: the net was built without model/fuse=learned"
+            )
+        log_weights = gate_logits.float().log_softmax(1)
+    probabilities = [logits.softmax(1) for logits in upsample_levels(semantic_logits, rule.upsample)]
+    return mix_levels(probabilities, log_weights), log_weights.argmax(1)
 
-    # Eq. 2 evaluated coarse to fine: a cell decided at a coarser level (its unity >= tau) keeps that
-    # level's logits; the others take this level's. Each step works at its own level's resolution and
-    # never materialises an upsampled copy, so the cost is about one pass over the finest logits.
+
+def upsample_levels(semantic_logits: list[Tensor], mode: str) -> list[Tensor]:
+    """Each level's logits at the finest cells, [B, C, h_L, w_L] float32 (Up() of `fuse`): nearest repeats
+    each cell; bilinear interpolates (align_corners=False, as the upsampling to the image)."""
+    size = semantic_logits[-1].shape[-2:]
+    factors = [stride // FINEST_STRIDE for stride in level_strides(len(semantic_logits))]
+    if mode == "nearest":
+        return [
+            repeat_cells(logits.float(), factor)
+            for logits, factor in zip(semantic_logits, factors, strict=True)
+        ]
+    return [
+        logits.float()
+        if factor == 1
+        else F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        for logits, factor in zip(semantic_logits, factors, strict=True)
+    ]
+
+
+def _hard_fuse(
+    semantic_logits: list[Tensor], unity_logits: list[Tensor], tau: float
+) -> tuple[Tensor, Tensor]:
+    """Eq. 2 evaluated coarse to fine: a cell decided at a coarser level (its unity >= tau) keeps that
+    level's logits; the others take this level's. Each step works at its own level's resolution and
+    never materialises an upsampled copy, so the cost is about one pass over the finest logits."""
+    levels = len(semantic_logits)
     threshold = unity_logit_threshold(tau)
     strides = level_strides(levels)
     fused = semantic_logits[0]
@@ -233,6 +362,50 @@ def fuse(
         if level < levels - 1:
             decided = repeat_cells(decided, factor) | (unity_logits[level].float() >= threshold)
     return fused, level_map
+
+
+def soft_level_log_weights(unity_logits: list[Tensor], num_levels: int) -> Tensor:
+    """The soft fuse's weights, as logs [B, L, h_L, w_L] (float32) at the finest cells: level l < L
+    weighs u_l * prod_{k<l} (1 - u_k), the probability that l is the coarsest unity level if the levels'
+    unity predictions were independent, and level L the rest, prod_{k<L} (1 - u_k). Weights sum to 1.
+    Computed with log-sigmoids, so a confident unity logit never gives log(0)."""
+    factors = [stride // FINEST_STRIDE for stride in level_strides(num_levels)]
+    log_weights = []
+    log_rest: Tensor | None = None  # log prod_{k<l} (1 - u_k) at the finest cells
+    for logits, factor in zip(unity_logits, factors, strict=False):
+        logits = repeat_cells(logits.float(), factor)
+        log_unity, log_mixed = F.logsigmoid(logits), F.logsigmoid(-logits)
+        log_weights.append(log_unity if log_rest is None else log_rest + log_unity)
+        log_rest = log_mixed if log_rest is None else log_rest + log_mixed
+    log_weights.append(log_rest)
+    return torch.stack(log_weights, 1)
+
+
+def mix_levels(probabilities: list[Tensor], log_weights: Tensor) -> Tensor:
+    """log(sum_l w_l * p_l) [B, C, h_L, w_L] in float32: the levels' class probabilities at the finest
+    cells (L maps [B, C, h_L, w_L]) mixed per cell with weights exp(log_weights) [B, L, h_L, w_L] (summing
+    to 1 over L). A log, so it serves as logits (its softmax is the mixture itself)."""
+    weights = log_weights.exp()
+    mixed = sum(p * weights[:, level : level + 1] for level, p in enumerate(probabilities))
+    return mixed.clamp(min=torch.finfo(torch.float32).tiny).log()
+
+
+def fuse_features(probabilities: list[Tensor], unity_logits: list[Tensor]) -> Tensor:
+    """What the learned fuse's gate reads per finest cell, [B, 4L-2, h_L, w_L] float32, each in [0, 1],
+    from the levels' class probabilities at the finest cells (L maps [B, C, h_L, w_L]) and the unity
+    logits: per level its top class probability (L) and normalised entropy (L), per level l < L the
+    probability that it agrees with the finest level, sum_c p_l(c) p_L(c) (L-1), and its unity
+    probability (nearest, L-1)."""
+    factors = [stride // FINEST_STRIDE for stride in level_strides(len(probabilities))]
+    max_entropy = math.log(max(probabilities[0].shape[1], 2))
+    top = [p.amax(1) for p in probabilities]
+    entropy = [-(p * p.clamp(min=1e-12).log()).sum(1) / max_entropy for p in probabilities]
+    agreement = [(p * probabilities[-1]).sum(1) for p in probabilities[:-1]]
+    unity = [
+        repeat_cells(torch.sigmoid(logits.float()), factor)
+        for logits, factor in zip(unity_logits, factors, strict=False)
+    ]
+    return torch.stack([*top, *entropy, *agreement, *unity], 1)
 
 
 def _keep_decided(decided: Tensor, coarse: Tensor, fine: Tensor, factor: int) -> Tensor:

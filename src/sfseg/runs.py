@@ -128,6 +128,13 @@ def print_summary(metrics: Mapping[str, Any], levels: int, run_dir: Path) -> Non
     """The headline numbers of a finished training run and where its files are."""
     rows = [("fused mIoU", metrics["mIoU"]), ("finest-only mIoU", metrics["mIoU_finest"])]
     rows += [(f"level {level} mIoU", metrics[f"mIoU_level{level}"]) for level in range(1, levels + 1)]
+    rows += [(f"best single level (level {metrics['best_level']})", metrics["mIoU_best_level"])]
+    rows += [("oracle fuse mIoU", metrics["mIoU_oracle"])]
+    rows += [
+        (f"{key.removeprefix('mIoU_fuse_')} fuse mIoU", value)
+        for key, value in metrics.items()
+        if key.startswith("mIoU_fuse_")
+    ]
     rows += [("pixel accuracy", metrics["pixel_acc"])]
     rows += [
         (f"share of cells, level {level}", metrics[f"share_level{level}"]) for level in range(1, levels + 1)

@@ -20,7 +20,9 @@ Otherwise, or with --by, one row per combination of the varied overrides and one
 `--focus NAME CLASS [CLASS ...]` adds the mIoU over those classes only (fused, and finest level), from each
 job's `val_counts.pt`: metrics `mIoU[NAME]` and `mIoU_finest[NAME]`, and, in the paper's layout, the table
 again on those classes. `mechanism_report` is what `python -m sfseg.ablation --preset mechanism` writes:
-the L=1 / L=4 table, Table 9 and the share of cells of one L=4 job, and the issue's goals checked.
+the L=1 / L=4 table, Table 9 and the share of cells of one L=4 job, the fuse's headroom, and the issue's
+goals checked; `fuse_report` (`--preset mechanism_fuse`, `fuse_default`) compares the fuse rules on the
+same pyramids (docs/fuse.md).
 """
 
 from __future__ import annotations
@@ -36,8 +38,26 @@ import torch
 import yaml
 
 from sfseg.analysis import class_iou, specialization_miou
+from sfseg.pyramid import FuseRule
 
 DEFAULT_METRICS = ("mIoU", "mIoU_finest")
+# The fuse's headroom columns (docs/fuse.md): metric, header. mIoU_fuse_<rule>: that rule on the same
+# pyramids; a column is shown when some job has its metric.
+HEADROOM_COLUMNS = (
+    ("mIoU", "fused"),
+    ("mIoU_fuse_hard", "hard"),
+    ("mIoU_fuse_soft", "soft"),
+    ("mIoU_fuse_hard_bilinear", "hard, bilinear Up"),
+    ("mIoU_fuse_soft_bilinear", "soft, bilinear Up"),
+    ("mIoU_fuse_learned", "learned"),
+    ("mIoU_level1", "level 1 alone"),
+    ("mIoU_best_level", "best single level"),
+    ("mIoU_oracle", "oracle"),
+)
+MISSED_COLUMNS = (
+    ("missed_share_mixed", "missed, mixed cells"),
+    ("missed_share_pure", "missed, one-class cells"),
+)
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -197,17 +217,41 @@ def focus_metric(metric: str, name: str) -> str:
 def add_focus_metrics(runs: Sequence[dict[str, Any]], groups: Mapping[str, Sequence[str]]) -> None:
     """Add `mIoU[name]` and `mIoU_finest[name]` for each focus group to each run's metrics: the mean IoU
     over the group's classes only, of the fused output and of the finest level, from the job's
-    val_counts.pt (read once per job)."""
+    val_counts.pt (read once per job). Where the counts have them, the same for the headroom
+    (`mIoU_level1`, `mIoU_best_level`, `mIoU_oracle`, `mIoU_fuse_<rule>`)."""
     for run in runs:
         class_names = list(run["metrics"]["per_class_iou"])
         missing = [cls for classes in groups.values() for cls in classes if cls not in class_names]
         if missing:
             raise ValueError(f"focus classes {missing} are not classes of job {run['job']}: {class_names}")
-        iou = class_iou(load_counts(run["job"])["confmat"])  # rows: fused, level 1 .. level L
+        ious = class_ious(load_counts(run["job"]), run["metrics"])
         for name, classes in groups.items():
-            picked = iou[:, [class_names.index(cls) for cls in classes]]
-            run["metrics"][focus_metric("mIoU", name)] = float(torch.nanmean(picked[0]))
-            run["metrics"][focus_metric("mIoU_finest", name)] = float(torch.nanmean(picked[-1]))
+            picked = [class_names.index(cls) for cls in classes]
+            for metric, iou in ious.items():
+                run["metrics"][focus_metric(metric, name)] = float(torch.nanmean(iou[picked]))
+
+
+def class_ious(counts: Mapping[str, torch.Tensor], metrics: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-class IoU [C] behind each mIoU metric a job's counts hold: mIoU (fused), mIoU_finest, and,
+    from counts with the fuse's headroom, mIoU_level1, mIoU_best_level (the level best over all
+    classes), mIoU_oracle and mIoU_fuse_<rule> (the rules in the order of the job's metrics)."""
+    iou = class_iou(counts["confmat"])  # rows: fused, level 1 .. level L
+    result = {"mIoU": iou[0], "mIoU_finest": iou[-1]}
+    if "oracle" not in counts:
+        return result
+    rules = [key.removeprefix("mIoU_fuse_") for key in metrics if key.startswith("mIoU_fuse_")]
+    result.update(
+        {
+            "mIoU_level1": iou[1],
+            "mIoU_best_level": iou[int(metrics["best_level"])],
+            "mIoU_oracle": class_iou(counts["oracle"]),
+            **{
+                f"mIoU_fuse_{rule}": row
+                for rule, row in zip(rules, class_iou(counts["rule_confmat"]), strict=True)
+            },
+        }
+    )
+    return result
 
 
 def load_counts(job: str | Path) -> dict[str, torch.Tensor]:
@@ -361,11 +405,155 @@ def write_mechanism_report(
             "",
             table9_markdown(shown["job"]).rstrip(),
         ]
-    lines += ["", "### Goals", "", *mechanism_goals(runs, levels_of, top)]
+    lines += ["", *headroom_markdown(runs, groups)]
+    lines += ["### Goals", "", *mechanism_goals(runs, levels_of, top)]
     markdown = "\n".join(lines) + "\n"
     md_path, csv_path = Path(sweep_dir) / "report.md", Path(sweep_dir) / "report.csv"
     md_path.write_text(markdown)
     write_csv(csv_path, rows)
+    return md_path, csv_path, markdown
+
+
+def fuse_rule_of(run: Mapping[str, Any]) -> str:
+    """The job's fuse rule (`FuseRule.label` of model.fuse); `hard` for jobs from before it was a setting."""
+    return FuseRule(
+        config_value(run["config"], "model.fuse.name") or "hard",
+        config_value(run["config"], "model.fuse.upsample"),
+    ).label
+
+
+def headroom_rows(runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """The pyramid jobs (L > 1) grouped by L and fuse rule (resolved config), with `<metric>_mean` and
+    `<metric>_std` (percent, over seeds) per metric and the best single level of each job."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        levels = int(run["config"]["model"]["levels"])
+        if levels > 1:
+            groups.setdefault((levels, fuse_rule_of(run)), []).append(run)
+    rows = []
+    for (levels, rule), members in sorted(groups.items()):
+        row: dict[str, Any] = {"model.levels": levels, "model.fuse.name": rule, "seeds": len(members)}
+        row["best_levels"] = ",".join(str(run["metrics"].get("best_level", "-")) for run in members)
+        for metric in metrics:
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_and_spread(members, metric)
+        rows.append(row)
+    return rows
+
+
+def headroom_metrics(runs: Sequence[dict[str, Any]], group: str | None = None) -> list[tuple[str, str]]:
+    """The headroom columns (metric, header) some job has, over all classes or one focus group's."""
+    columns = [
+        (metric if group is None else focus_metric(metric, group), header)
+        for metric, header in HEADROOM_COLUMNS
+    ]
+    if group is None:
+        columns += list(MISSED_COLUMNS)
+    return [
+        (metric, header)
+        for metric, header in columns
+        if any(run["metrics"].get(metric) is not None for run in runs)
+    ]
+
+
+def headroom_markdown(runs: Sequence[dict[str, Any]], groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The fuse's headroom of the pyramid jobs (L > 1) as markdown lines, one table over all classes and
+    one per focus group (their metrics added by `add_focus_metrics`): per L and fuse rule, mean ± spread
+    over seeds of the fused mIoU, every compared rule on the same pyramids, level 1 alone, the best single
+    level, the oracle fuse, and the pixels the fuse missed. Nothing without pyramid jobs."""
+    if not any(int(run["config"]["model"]["levels"]) > 1 for run in runs):
+        return []
+    lines = []
+    for scope, group in [("all classes", None), *((f"{name} classes", name) for name in groups)]:
+        columns = headroom_metrics(runs, group)
+        rows = headroom_rows(runs, [metric for metric, _ in columns])
+        header = ["L", "fuse", "seeds", *(name for _, name in columns)]
+        lines += [
+            f"### The fuse's headroom, {scope}: mIoU (%) on the same pyramids",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        for row in rows:
+            texts = [f"{row[f'{metric}_mean']:.2f} ± {row[f'{metric}_std']:.2f}" for metric, _ in columns]
+            lines.append(
+                f"| {row['model.levels']} | {row['model.fuse.name']} | {row['seeds']} | "
+                + " | ".join(texts)
+                + " |"
+            )
+        lines.append("")
+    best = "; ".join(
+        f"L={row['model.levels']} {row['model.fuse.name']}: {row['best_levels']}"
+        for row in headroom_rows(runs, [])
+    )
+    lines += [
+        "Mean ± spread over seeds. fused: the job's own fuse rule (model.fuse); hard, soft, learned: that "
+        "rule applied to the same pyramids (hard and soft with Eq. 2's nearest Up() unless marked bilinear; "
+        "learned: only jobs that trained its gate, with its own Up()); level 1 alone: "
+        "level 1's prediction, upsampled; best single level: each job's best level by mIoU over all classes "
+        f"(per job: {best}); oracle: right wherever some level's own prediction is (docs/fuse.md). missed: "
+        "the share of all valid pixels that the fused output gets wrong while some level gets them right, "
+        "in level-1 cells that hold several classes / one class in the ground truth.",
+        "",
+    ]
+    return lines
+
+
+def fuse_goals(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Each rule on the pyramid jobs against level 1 alone and against hard (Eq. 2): the difference of the
+    means over seeds, the per-job differences (same pyramids), and beats / matches / loses to, beyond
+    the larger of the two seed spreads (sample standard deviations)."""
+    pyramids = [run for run in runs if int(run["config"]["model"]["levels"]) > 1]
+    rules = [
+        metric.removeprefix("mIoU_fuse_")
+        for metric, _ in HEADROOM_COLUMNS
+        if metric.startswith("mIoU_fuse_")
+        and pyramids
+        and all(run["metrics"].get(metric) is not None for run in pyramids)
+    ]
+    if not rules:
+        return ["Needs pyramid jobs (L > 1) that score the fuse rules (mIoU_fuse_<rule> in metrics.json)."]
+    lines = []
+    for rule in rules:
+        for reference, name in (("mIoU_level1", "level 1 alone"), ("mIoU_fuse_hard", "hard")):
+            if reference == f"mIoU_fuse_{rule}":
+                continue
+            rule_mean, rule_std = mean_and_spread(pyramids, f"mIoU_fuse_{rule}")
+            reference_mean, reference_std = mean_and_spread(pyramids, reference)
+            difference, spread = rule_mean - reference_mean, max(rule_std, reference_std)
+            per_job = [
+                100 * (run["metrics"][f"mIoU_fuse_{rule}"] - run["metrics"][reference]) for run in pyramids
+            ]
+            verdict = "beats" if difference > spread else "loses to" if difference < -spread else "matches"
+            lines.append(
+                f"- {rule} - {name}: {difference:+.2f} mIoU (per job: {', '.join(f'{d:+.2f}' for d in per_job)}; "
+                f"larger seed spread {spread:.2f}, {len(pyramids)} job(s)): **{rule} {verdict} {name}**"
+            )
+    if len(pyramids) == 1:
+        lines.append("One job: no seed spread, so a direction, not a result.")
+    return lines
+
+
+def write_fuse_report(
+    sweep_dir: str | Path, groups: Mapping[str, Sequence[str]] | None = None, notes: Sequence[str] = ()
+) -> tuple[Path, Path, str]:
+    """Write the report of `python -m sfseg.ablation --preset mechanism_fuse` / `fuse_default` (report.md,
+    and report.csv with one line per L and fuse rule); return their paths and the markdown.
+
+    report.md: `notes`, the fuse's headroom over all classes and over each class group (`headroom_markdown`)
+    and each rule checked against level 1 alone and against hard (`fuse_goals`)."""
+    runs = collect_runs(sweep_dir)
+    groups = dict(groups or {})
+    add_focus_metrics(runs, groups)
+    lines = ["## Fuse rules on the same pyramids", ""]
+    if notes:
+        lines += [*notes, ""]
+    lines += headroom_markdown(runs, groups)
+    lines += ["### Each rule against level 1 alone and against hard", "", *fuse_goals(runs)]
+    markdown = "\n".join(lines) + "\n"
+    metrics = [metric for group in (None, *groups) for metric, _ in headroom_metrics(runs, group)]
+    md_path, csv_path = Path(sweep_dir) / "report.md", Path(sweep_dir) / "report.csv"
+    md_path.write_text(markdown)
+    write_csv(csv_path, headroom_rows(runs, metrics))
     return md_path, csv_path, markdown
 
 

@@ -10,7 +10,8 @@ the data of its training run (`model.datamodule()`). Underneath, every consumer 
 pixels with `fused_logits` (Eq. 2's fuse, then bilinear upsampling), and predicts images with the
 passes here: whole image padded to the size divisor, sliding window, multi-scale + flip.
 
-    pixels      fused_logits, level_predictions, upsample, pad_images, pad_to_divisor
+    pixels      fused_logits, level_predictions, compared_rules, rule_predictions, upsample, pad_images,
+                pad_to_divisor
     passes      InferenceSettings, image_logits, whole_logits, slide_logits, tta_probabilities
     loading     load, Predictor, Prediction, resolve_device, autocast
     evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv, write_tau_sweep,
@@ -43,7 +44,15 @@ from sfseg.inference.passes import (
     whole_logits,
     window_starts,
 )
-from sfseg.inference.pixels import fused_logits, level_predictions, pad_images, pad_to_divisor, upsample
+from sfseg.inference.pixels import (
+    compared_rules,
+    fused_logits,
+    level_predictions,
+    pad_images,
+    pad_to_divisor,
+    rule_predictions,
+    upsample,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -54,6 +63,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "autocast",
+    "compared_rules",
     "evaluate",
     "export_model",
     "export_size",
@@ -66,6 +76,7 @@ __all__ = [
     "per_class_table",
     "predict_logits",
     "resolve_device",
+    "rule_predictions",
     "slide_logits",
     "tta_probabilities",
     "upsample",

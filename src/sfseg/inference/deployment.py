@@ -1,6 +1,7 @@
 """A checkpoint as one self-contained model file (ONNX or TorchScript) that maps pixels to class ids:
-the ImageNet normalisation, the network, Eq. 2's fuse with tau baked in, the bilinear upsampling to the
-input size and the argmax are all inside the graph.
+the ImageNet normalisation, the network, the fuse (the checkpoint's rule: Eq. 2 with tau baked in, or
+the soft or learned fuse), the bilinear upsampling to the input size and the argmax are all inside the
+graph.
 
     image      float32 [N, 3, H, W], RGB in 0..255; H and W multiples of the model's size divisor
     mask       int64 [N, H, W], 0-based class ids
@@ -49,7 +50,9 @@ class DeployedSegmenter(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         images = (image - self.offset) * self.scale
-        logits, level_map = fused_logits(self.net(images), images.shape[-2:], self.tau)
+        logits, level_map = fused_logits(
+            self.net(images), images.shape[-2:], self.tau, rule=self.net.fuse_rule
+        )
         return logits.argmax(1), level_map
 
 
@@ -112,7 +115,7 @@ def export_model(
     dynamic: bool = False,
     opset: int | None = None,
 ) -> ExportedModel:
-    """Write the predictor's network, fuse at `predictor.tau` included, as ONNX or TorchScript. The
+    """Write the predictor's network, its fuse rule (at `predictor.tau`) included, as ONNX or TorchScript. The
     export runs on the CPU: the predictor's network is moved there.
 
     size: the example input [H, W]; the model's fixed input size unless `dynamic`, which leaves the batch,

@@ -21,10 +21,16 @@ from tqdm import tqdm
 
 from sfseg.inference.loading import Predictor
 from sfseg.inference.passes import InferenceSettings, tta_probabilities
-from sfseg.inference.pixels import fused_logits, level_predictions, pad_to_divisor
+from sfseg.inference.pixels import (
+    compared_rules,
+    fused_logits,
+    level_predictions,
+    pad_to_divisor,
+    rule_predictions,
+)
 from sfseg.metrics import PyramidMetrics, SegmentationMetrics, TauSweepMetrics, UnityCalibration
 from sfseg.models import PyramidOutput
-from sfseg.pyramid import build_targets, level_strides
+from sfseg.pyramid import FuseRule, build_targets, level_strides
 from sfseg.runs import write_json
 from sfseg.visualize import percent, save_figure, tau_sweep_figure, unity_calibration_figure
 
@@ -34,8 +40,9 @@ class Evaluation:
     """What `evaluate` accumulated over a split.
 
     prediction: the evaluated prediction (whole/slide, scales, flip, fused or finest-only);
-    pyramid: the single-scale whole-image fused pyramid, for the specialization analysis;
-    calibration: the unity pyramid's reliability counts; sweep: the same pyramids fused at other taus.
+    pyramid: the single-scale whole-image fused pyramid, for the specialization analysis and the
+    fuse's headroom; calibration: the unity pyramid's reliability counts; sweep: the same pyramids
+    fused at other taus; fuse_rule: the rule of the fused output (the net's).
     """
 
     prediction: SegmentationMetrics
@@ -45,6 +52,7 @@ class Evaluation:
     num_images: int
     calibration: UnityCalibration
     sweep: TauSweepMetrics | None = None
+    fuse_rule: FuseRule = field(default_factory=FuseRule)
     # Measured time: "evaluation" (the loop without data loading) and "tau_sweep" (its re-fuses).
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -59,6 +67,25 @@ class Evaluation:
             "per_class_acc": dict(zip(self.class_names, scores["acc"], strict=True)),
             "num_images": self.num_images,
         }
+
+    def headroom(self) -> dict[str, Any]:
+        """The single-scale pass's fused mIoU beside its headroom, as written to metrics.json["headroom"]
+        (docs/fuse.md): the fuse rule, each level alone, the best single level, the oracle fuse, the
+        shares of pixels the fuse missed, and the mIoU of every compared rule on the same pyramids."""
+        return {"fuse_rule": self.fuse_rule.label, **self.pyramid.headroom()}
+
+    def per_class_headroom(self) -> dict[str, dict[str, float]]:
+        """Per class (by name), from the single-scale pass: the IoU of each level's own prediction
+        (iou_level<l>), of the best single level by mIoU (iou_best_level) and of the oracle fuse
+        (iou_oracle)."""
+        per_class = self.pyramid.per_class()
+        levels = {key: per_class[key] for key in per_class if key.startswith("iou_level")}
+        columns = {
+            **levels,
+            "iou_best_level": levels[f"iou_level{self.pyramid.headroom()['best_level']}"],
+            "iou_oracle": per_class["iou_oracle"],
+        }
+        return {name: dict(zip(self.class_names, values, strict=True)) for name, values in columns.items()}
 
     def specialization(self) -> dict[str, Any]:
         """The Sec. 5.5 analysis with level and class names, as written to specialization.json."""
@@ -177,7 +204,8 @@ def evaluate(
     device, tau = predictor.device, predictor.tau
     classes, levels, ignore = predictor.num_classes, predictor.levels, predictor.ignore_index
     prediction = SegmentationMetrics(classes, ignore).to(device)
-    pyramid = PyramidMetrics(classes, levels, tau, ignore).to(device)
+    rules = compared_rules(predictor.net)
+    pyramid = PyramidMetrics(classes, levels, tau, ignore, [rule.label for rule in rules]).to(device)
     calibration = UnityCalibration(levels, calibration_bins, ignore).to(device)
     sweep = TauSweepMetrics(classes, levels, tau_sweep, ignore).to(device) if tau_sweep else None
     clock = _Stopwatch(device)
@@ -191,7 +219,7 @@ def evaluate(
             )
         with clock("evaluation"), predictor.autocast_context():
             fused_pred, finest_pred = _score_pyramid(
-                predictor, images, labels, pyramid, calibration, sweep, clock
+                predictor, images, labels, pyramid, rules, calibration, sweep, clock
             )
             if settings.single_pass:
                 pred = fused_pred if settings.fuse else finest_pred
@@ -206,6 +234,7 @@ def evaluate(
         len(loader.dataset),
         calibration,
         sweep,
+        predictor.fuse_rule,
         dict(clock.seconds),
     )
 
@@ -215,6 +244,7 @@ def _score_pyramid(
     images: Tensor,
     labels: Tensor,
     metrics: PyramidMetrics,
+    rules: Sequence[FuseRule],
     calibration: UnityCalibration,
     sweep: TauSweepMetrics | None,
     clock: _Stopwatch,
@@ -228,7 +258,7 @@ def _score_pyramid(
         labels, (0, padded.shape[-1] - width, 0, padded.shape[-2] - height), value=predictor.ignore_index
     )
     out = predictor.net(padded)
-    fused, level_map = fused_logits(out, padded.shape[-2:], predictor.tau)
+    fused, level_map = fused_logits(out, padded.shape[-2:], predictor.tau, rule=predictor.fuse_rule)
     fused_pred = fused.argmax(1)
     level_preds = level_predictions(out, padded.shape[-2:])
     unity_targets = build_targets(padded_labels, predictor.levels, predictor.ignore_index).unity
@@ -239,18 +269,20 @@ def _score_pyramid(
         unity_logits=out.unity,
         unity_targets=unity_targets,
         level_map=level_map,
+        rule_preds=rule_predictions(out, padded.shape[-2:], predictor.tau, rules),
     )
     calibration.update(out.unity, unity_targets)
     if sweep is not None:
         with clock("tau_sweep"):
-            _sweep_taus(out, padded_labels, sweep)
+            _sweep_taus(out, padded_labels, sweep, predictor.fuse_rule)
     return fused_pred[..., :height, :width], level_preds[-1][..., :height, :width]
 
 
-def _sweep_taus(out: PyramidOutput, labels: Tensor, sweep: TauSweepMetrics) -> None:
-    """Fuse the same pyramid output at every tau of the sweep and score it against labels [B, H, W]."""
+def _sweep_taus(out: PyramidOutput, labels: Tensor, sweep: TauSweepMetrics, rule: FuseRule) -> None:
+    """Fuse the same pyramid output with `rule` at every tau of the sweep and score it against labels
+    [B, H, W] (a rule that does not read tau gives the same row at every tau)."""
     for index, tau in enumerate(sweep.taus):
-        fused, level_map = fused_logits(out, labels.shape[-2:], tau)
+        fused, level_map = fused_logits(out, labels.shape[-2:], tau, rule=rule)
         sweep.update(index, fused.argmax(1), labels, level_map)
 
 
@@ -274,14 +306,18 @@ def per_class_table(scores: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_per_class_csv(path: Path, scores: dict[str, Any]) -> Path:
-    """class,iou,acc (fractions; empty for a class absent from the split)."""
+def write_per_class_csv(
+    path: Path, scores: dict[str, Any], headroom: dict[str, dict[str, float]] | None = None
+) -> Path:
+    """class,iou,acc (fractions; empty for a class absent from the split), then one column per entry of
+    `headroom` (Evaluation.per_class_headroom: iou_level<l>, iou_best_level, iou_oracle)."""
+    headroom = headroom or {}
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["class", "iou", "acc"])
+        writer.writerow(["class", "iou", "acc", *headroom])
         for name, iou in scores["per_class_iou"].items():
-            acc = scores["per_class_acc"][name]
-            writer.writerow([name, *("" if math.isnan(percent(v)) else f"{v:.6f}" for v in (iou, acc))])
+            values = (iou, scores["per_class_acc"][name], *(column[name] for column in headroom.values()))
+            writer.writerow([name, *("" if math.isnan(percent(v)) else f"{v:.6f}" for v in values)])
     return path
 
 
@@ -324,6 +360,8 @@ def write_tau_sweep(folder: Path, evaluation: Evaluation, checkpoint_tau: float)
             + " |"
         )
     seconds = evaluation.seconds
+    if not evaluation.fuse_rule.reads_tau:
+        lines += ["", f"The {evaluation.fuse_rule.label} fuse does not read τ: every row is the same fuse."]
     lines += [
         "",
         f"{evaluation.num_images} images. Level columns: the share of finest cells the fused map takes from "

@@ -1,5 +1,5 @@
 """A checkpoint as a ready-to-use predictor: the network on its device, its classes, palette, L, tau,
-and the data its training run used."""
+fuse rule, and the data its training run used."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from sfseg.data.classes import palette_for
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.real import training_layout
 from sfseg.data.transforms import val_transform
-from sfseg.inference.passes import image_logits, whole_logits
+from sfseg.inference.passes import image_logits, sparse_applies, whole_logits
 from sfseg.inference.pixels import fused_logits, pad_to_divisor
 from sfseg.models import PyramidSegmenter
-from sfseg.pyramid import IGNORE_INDEX
+from sfseg.pyramid import IGNORE_INDEX, FuseRule
 from sfseg.runs import run_data_config
 from sfseg.visualize import pyramid_figure
 
@@ -91,6 +91,17 @@ class Predictor:
         autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
         self.palette = self.palette or palette_for(self.class_names)
         self.net = self.net.to(self.device).eval()
+        if self.sparse_inference and not sparse_applies(self.net):
+            print(
+                f"note: the {self.fuse_rule.label} fuse reads every level at every cell; sparse inference applies "
+                "to the hard fuse only, so this model runs dense"
+            )
+            self.sparse_inference = False
+
+    @property
+    def fuse_rule(self) -> FuseRule:
+        """The net's fuse rule (model.fuse of its training run)."""
+        return self.net.fuse_rule
 
     @property
     def levels(self) -> int:
@@ -142,7 +153,7 @@ class Predictor:
         )
         with self.autocast_context():
             out = self.net(images)
-        fused, level_map = fused_logits(out, images.shape[-2:], self.tau)
+        fused, level_map = fused_logits(out, images.shape[-2:], self.tau, rule=self.fuse_rule)
         return pyramid_figure(
             images,
             labels,

@@ -3,7 +3,9 @@ and cropped back), sliding window, and multi-scale + flip (softmax averaged at t
 
 Each pass is sparse by default (`sparse=True`, `eval.sparse_inference`): the fused output only needs
 each level's logits where the fuse keeps them, so `PyramidSegmenter.sparse_forward` computes the
-levels' per-cell work there only. The fused logits and level map are the dense path's."""
+levels' per-cell work there only. The fused logits and level map are the dense path's. Only the hard
+fuse (Eq. 2) allows it: the soft and learned fuses read every level at every cell, so a net with one
+of those rules (or Eq. 2 with bilinear Up(), which reads neighbouring cells) runs dense."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from sfseg.data.transforms import size_pair
 from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor, upsample
+from sfseg.pyramid import FuseRule
 
 EVAL_MODES = ("whole", "slide")
 
@@ -77,16 +80,21 @@ def image_logits(
     net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True, sparse: bool = True
 ) -> tuple[Tensor, Tensor]:
     """One forward of `net` (a PyramidSegmenter) on images whose size it accepts: the fused logits at
-    the image size [B, C, H, W] and the level map [B, h_L, w_L].
+    the image size [B, C, H, W] (with the net's fuse rule) and the level map [B, h_L, w_L].
 
     sparse: compute each level only where the fuse keeps it (`sparse_forward`), same result. The
-    finest-only output (fuse_levels=False) and nets without a sparse forward run dense.
+    finest-only output (fuse_levels=False), nets without a sparse forward and nets whose fuse rule
+    reads every level at every cell (`sparse_applies`) run dense.
     """
-    if sparse and fuse_levels and hasattr(net, "sparse_forward"):
-        out = net.sparse_forward(images, tau)
-    else:
-        out = net(images)
-    return fused_logits(out, images.shape[-2:], tau, fuse_levels)
+    out = net.sparse_forward(images, tau) if sparse and fuse_levels and sparse_applies(net) else net(images)
+    return fused_logits(out, images.shape[-2:], tau, fuse_levels, getattr(net, "fuse_rule", FuseRule()))
+
+
+def sparse_applies(net: nn.Module) -> bool:
+    """Whether sparse inference can compute `net`'s fused output: it has a sparse forward and its fuse
+    rule takes each finest cell from one level's own cell that the unity pyramid picks
+    (`FuseRule.sparse`: Eq. 2 with nearest Up())."""
+    return hasattr(net, "sparse_forward") and getattr(net, "fuse_rule", FuseRule()).sparse
 
 
 def whole_logits(

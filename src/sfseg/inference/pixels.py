@@ -1,6 +1,7 @@
 """From a pyramid output to pixels: the fused logits at the image size, each level's own prediction,
 and the level map per pixel. Every consumer (validation, evaluation, prediction, pictures, the
-benchmark) goes through `fused_logits`, the only place where Eq. 2's fuse meets the upsampling."""
+export) goes through `fused_logits`, the only place where the fuse (its rule: Eq. 2 `hard`, `soft`
+or `learned`, `pyramid.fuse`) meets the upsampling."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sfseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from sfseg.models import PyramidOutput
-from sfseg.pyramid import fuse
+from sfseg.models import PyramidOutput, PyramidSegmenter
+from sfseg.pyramid import TRAINING_FREE_FUSE_RULES, FuseRule, fuse
 
 
 def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -24,22 +25,40 @@ def upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def fused_logits(
-    out: PyramidOutput, size: Sequence[int], tau: float = 0.9, fuse_levels: bool = True
+    out: PyramidOutput,
+    size: Sequence[int],
+    tau: float = 0.9,
+    fuse_levels: bool = True,
+    rule: FuseRule | str = "hard",
 ) -> tuple[Tensor, Tensor]:
-    """Fused logits (Eq. 2) upsampled bilinearly to `size`, [B, C, *size] float32, and the level map
-    [B, h_L, w_L] (which level each finest cell was taken from, 0 = coarsest).
+    """Fused logits (`pyramid.fuse` with `rule`; Eq. 2 for `hard`) upsampled bilinearly to `size`,
+    [B, C, *size] float32, and the level map [B, h_L, w_L] (which level each finest cell was taken from,
+    0 = coarsest; soft and learned: the level of the largest weight).
 
     fuse_levels=False takes the finest level only (Table 8's "auxiliary supervision"); its level map
     is then L-1 everywhere.
     """
     if fuse_levels:
-        logits, level_map = fuse(out.semantic, out.unity, tau)
+        logits, level_map = fuse(out.semantic, out.unity, tau, rule, out.gate_logits)
     else:
         logits = out.semantic[-1]
         level_map = torch.full(
             logits.shape[:1] + logits.shape[2:], len(out.semantic) - 1, dtype=torch.long, device=logits.device
         )
     return upsample(logits, size), level_map
+
+
+def compared_rules(net: PyramidSegmenter) -> tuple[FuseRule, ...]:
+    """The fuse rules that evaluation scores on the same pyramids of `net`: every rule that needs no
+    training, and the net's own rule when it has a trained part (the learned fuse's gate)."""
+    return TRAINING_FREE_FUSE_RULES + ((net.fuse_rule,) if net.fuse_rule.trained else ())
+
+
+def rule_predictions(
+    out: PyramidOutput, size: Sequence[int], tau: float, rules: Sequence[FuseRule]
+) -> list[Tensor]:
+    """The fused class map [B, *size] of each rule on the same pyramid output."""
+    return [fused_logits(out, size, tau, rule=rule)[0].argmax(1) for rule in rules]
 
 
 def level_predictions(out: PyramidOutput, size: Sequence[int]) -> list[Tensor]:

@@ -2,7 +2,7 @@
 
 from sfseg.models.backbones import BACKBONES, create_backbone
 from sfseg.models.context import CONTEXT_MODULES, build_context
-from sfseg.models.heads import ConvBlock, FCNHead, SemanticHead, UnityHead
+from sfseg.models.heads import ConvBlock, FCNHead, FuseGate, SemanticHead, UnityHead
 from sfseg.models.segmenter import PyramidOutput, PyramidSegmenter
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "CONTEXT_MODULES",
     "ConvBlock",
     "FCNHead",
+    "FuseGate",
     "PyramidOutput",
     "PyramidSegmenter",
     "SemanticHead",

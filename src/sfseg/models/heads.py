@@ -1,4 +1,5 @@
-"""The unity head (Sec. 4.1), the semantic pyramid head (Sec. 4.2) and the plain FCN baseline head."""
+"""The unity head (Sec. 4.1), the semantic pyramid head (Sec. 4.2), the learned fuse's gate
+(model/fuse=learned, docs/fuse.md) and the plain FCN baseline head."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import Tensor, nn
 
 from sfseg.models.context import DeferredLevel, build_context, deferred_levels
 from sfseg.models.layers import conv_bn_relu
-from sfseg.pyramid import repeat_cells
+from sfseg.pyramid import fuse_features, repeat_cells, soft_level_log_weights, upsample_levels
 
 
 class ConvBlock(nn.Sequential):
@@ -57,6 +58,48 @@ class UnityHead(nn.Module):
         logits = self.pixel_logits(x)
         # min-pool over each 2^(L-l) cell: the most deviating pixel decides the cell (U^(l)).
         return [-F.max_pool2d(-z, 2 ** (self.num_levels - 1 - level)) for level, z in enumerate(logits)]
+
+
+class FuseGate(nn.Module):
+    """The learned fuse (model/fuse=learned): per finest cell, logits over the L levels whose softmax
+    weighs the levels' class probabilities (`pyramid.fuse(..., rule="learned")`).
+
+    It reads the pyramids detached (`pyramid.fuse_features`: each level's confidence, entropy,
+    agreement with the finest level and unity probability, the levels' maps brought to the finest cells
+    by `upsample`, the fuse's Up()), so training it leaves the pyramids as they are. A per-cell MLP whose
+    output is added to the soft fuse's log weights; its last layer starts at zero, so an untrained gate
+    is the soft fuse, and training learns where to trust which level more (docs/fuse.md). Needs L >= 2.
+    """
+
+    def __init__(self, num_levels: int, hidden_channels: int = 32, upsample: str = "bilinear") -> None:
+        super().__init__()
+        if num_levels < 2:
+            raise ValueError(
+                f"model/fuse=learned needs model.levels >= 2 (levels to choose from), got {num_levels}"
+            )
+        if hidden_channels < 1:
+            raise ValueError(f"model.fuse.hidden_channels must be >= 1, got {hidden_channels}")
+        self.num_levels = num_levels
+        self.upsample = upsample
+        features = 4 * num_levels - 2
+        self.mlp = nn.Sequential(
+            # The features differ in scale (a unity probability near 0 or 1, a small entropy): normalised,
+            # the gate learns several times faster under SGD (docs/fuse.md).
+            nn.BatchNorm2d(features),
+            nn.Conv2d(features, hidden_channels, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_channels, num_levels, 1),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, semantic: list[Tensor], unity: list[Tensor]) -> Tensor:
+        """Level logits [B, L, h_L, w_L] (float32) from the pyramids' logits."""
+        semantic = [logits.detach() for logits in semantic]
+        unity = [logits.detach() for logits in unity]
+        probabilities = [logits.softmax(1) for logits in upsample_levels(semantic, self.upsample)]
+        prior = soft_level_log_weights(unity, self.num_levels)
+        return prior + self.mlp(fuse_features(probabilities, unity)).float()
 
 
 class CellGather:

@@ -10,8 +10,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from sfseg.models.backbones import create_backbone
-from sfseg.models.heads import SemanticHead, UnityHead
-from sfseg.pyramid import FINEST_STRIDE, kept_cells, level_strides
+from sfseg.models.heads import FuseGate, SemanticHead, UnityHead
+from sfseg.pyramid import FINEST_STRIDE, FuseRule, kept_cells, level_strides
 
 
 @dataclass
@@ -21,17 +21,46 @@ class PyramidOutput:
     semantic: L logit maps [B, C, H/s_l, W/s_l]; unity: L-1 logit maps [B, H/s_l, W/s_l] ([] for L=1).
     auxiliary: OCR's auxiliary class logits [B, C, H/4, W/4] (its soft object regions, trained against
     the finest labels); None for the other context modules.
+    gate_logits: the learned fuse's level logits [B, L, H/4, W/4] (model/fuse=learned); None otherwise.
     """
 
     semantic: list[Tensor]
     unity: list[Tensor]
     auxiliary: Tensor | None = None
+    gate_logits: Tensor | None = None
+
+
+# The keys model.fuse may hold besides its name, per rule.
+FUSE_OPTIONS = {
+    "hard": {"upsample"},
+    "soft": {"upsample"},
+    "learned": {"upsample", "hidden_channels", "lr_mult"},
+}
+
+
+def fuse_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """model.fuse checked: {"name": <rule>, ...its options}; None (a checkpoint from before the rule was
+    a setting) is Eq. 2's hard fuse."""
+    config = dict(config or {"name": "hard"})
+    rule = FuseRule(config.get("name"), config.get("upsample"))
+    unknown = set(config) - {"name"} - FUSE_OPTIONS[rule.name]
+    if unknown:
+        raise ValueError(
+            f"model.fuse has unknown keys {sorted(unknown)} for model.fuse.name={rule.name}; "
+            f"allowed: {sorted(FUSE_OPTIONS[rule.name])}"
+        )
+    lr_mult = config.get("lr_mult", 1.0)
+    if isinstance(lr_mult, bool) or not isinstance(lr_mult, int | float) or lr_mult <= 0:
+        raise ValueError(f"model.fuse.lr_mult must be a number > 0, got {lr_mult!r}")
+    return config
 
 
 class PyramidSegmenter(nn.Module):
     """Backbone (stride 4, D channels) with the unity head (D_u) and the semantic head (D_s).
 
-    num_levels=1 is the standard single output: no unity head, unity == [].
+    num_levels=1 is the standard single output: no unity head, unity == []. fuse: the fuse rule
+    (`pyramid.FuseRule`, or its name); `learned` adds the fuse gate (`FuseGate`, fuse_hidden_channels
+    wide), whose level logits every forward returns. The net stores the rule; `pyramid.fuse` applies it.
     """
 
     def __init__(
@@ -44,16 +73,24 @@ class PyramidSegmenter(nn.Module):
         semantic_channels: int = 512,
         pretrained: bool = False,
         weights: str | None = None,
+        fuse: FuseRule | str = "hard",
+        fuse_hidden_channels: int = 32,
     ) -> None:
         super().__init__()
         coarsest_stride = level_strides(num_levels)[0]  # also validates num_levels
         self.num_levels = num_levels
+        self.fuse_rule = FuseRule(fuse) if isinstance(fuse, str) else fuse
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
         # What the pyramid's cells and the backbone both need; evaluation and export pad to it.
         self.size_divisor = math.lcm(coarsest_stride, self.backbone.size_divisor)
         channels = self.backbone.out_channels
         self.unity_head = UnityHead(channels, num_levels, unity_channels) if num_levels > 1 else None
         self.semantic_head = SemanticHead(channels, num_classes, num_levels, semantic_channels, context)
+        self.fuse_gate = (
+            FuseGate(num_levels, fuse_hidden_channels, self.fuse_rule.upsample)
+            if self.fuse_rule.trained
+            else None
+        )
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], load_backbone_weights: bool = True) -> PyramidSegmenter:
@@ -63,6 +100,7 @@ class PyramidSegmenter(nn.Module):
         state dict replaces them anyway, and they may need a network or a file that is not there.
         """
         backbone = hparams["backbone"]
+        fuse = fuse_config(hparams.get("fuse"))
         return cls(
             backbone=backbone["name"],
             num_classes=hparams["num_classes"],
@@ -72,6 +110,8 @@ class PyramidSegmenter(nn.Module):
             semantic_channels=hparams.get("semantic_channels", 512),
             pretrained=load_backbone_weights and bool(backbone.get("pretrained", False)),
             weights=backbone.get("weights") if load_backbone_weights else None,
+            fuse=FuseRule(fuse["name"], fuse.get("upsample")),
+            fuse_hidden_channels=fuse.get("hidden_channels", 32),
         )
 
     def forward(self, images: Tensor) -> PyramidOutput:
@@ -79,13 +119,20 @@ class PyramidSegmenter(nn.Module):
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
         semantic, auxiliary = self.semantic_head(features)
-        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+        gate_logits = self.fuse_gate(semantic, unity) if self.fuse_gate is not None else None
+        return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary, gate_logits=gate_logits)
 
     def sparse_forward(self, images: Tensor, tau: float) -> PyramidOutput:
         """The pyramids as Eq. 2's fuse at `tau` reads them, computing each level's per-cell semantic
         work only at the cells the fuse keeps (`pyramid.kept_cells`): fuse(sparse_forward(x, tau), tau)
         equals fuse(forward(x), tau) (up to float rounding; the level map exactly). The semantic maps
-        are zero at every other cell, so they are not the levels' own predictions. Inference only."""
+        are zero at every other cell, so they are not the levels' own predictions. Inference only, and
+        for Eq. 2 with nearest Up() only (`FuseRule.sparse`: the others read every level at every cell)."""
+        if not self.fuse_rule.sparse:
+            raise ValueError(
+                f"sparse_forward computes only the cells Eq. 2 keeps; the {self.fuse_rule.label} fuse reads "
+                "every level at every cell: use the dense forward"
+            )
         if self.training:
             raise RuntimeError("sparse_forward is for inference: call .eval() first (batch norm statistics)")
         self._check_size(images)
