@@ -12,6 +12,12 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
   mechanism_table6, mechanism_table7, mechanism_levels  the paper's other ablations (experiment=table6,
       table7, levels) in the same regime, in the paper's layout, again on the look-alike classes only.
       The levels sweep runs without a context module here (the regime's), the paper's with c2f.
+  mechanism_table6_twins  Table 6 (seeds 0,1,2) on scenes that hold both twins of each pair in every
+      image (data=synthetic_context_twins), so that a context module attending over the whole image has
+      to pick the markers of the pixel's own region.
+
+report.md starts with the command, the commit its jobs ran at and how busy the machine was, and the
+table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes.
 
 Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 """
@@ -19,6 +25,9 @@ Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -27,21 +36,32 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES, cue_coverage, draw_context_scene
+from sfseg.data.synthetic_context import (
+    CONTEXT_CLASSES,
+    LOOK_ALIKE_CLASSES,
+    SCENE_KEYS,
+    cue_coverage,
+    draw_context_scene,
+)
 from sfseg.models.backbones import LocalResNet
 from sfseg.pyramid import level_strides
-from sfseg.sweeps import load_job_config, write_mechanism_report, write_report
+from sfseg.sweeps import (
+    add_focus_metrics,
+    collect_runs,
+    jobs_markdown,
+    load_job_config,
+    write_mechanism_report,
+    write_report,
+)
 
 LOOK_ALIKE = ("look-alike", LOOK_ALIKE_CLASSES)
 CONTROLS = ("controls", tuple(name for name in CONTEXT_CLASSES if name not in LOOK_ALIKE_CLASSES))
 
 # The regime of experiment=mechanism, restated for the experiments built on ablation_hrnet32 (ADE20K,
 # HRNet32, GPU): tests/test_mechanism.py checks that both compose to the same data, model and trainer.
-MECHANISM_REGIME = (
-    "data=synthetic_context",
+_REGIME_BESIDES_SCENES = (
     "~data.crop_size",
     "~data.subsample",
-    "data.batch_size=8",
     "model/backbone=local",
     "model.backbone.pretrained=false",
     "model.semantic_channels=128",
@@ -50,7 +70,14 @@ MECHANISM_REGIME = (
     "trainer=default",
     "trainer.check_val_every_n_epoch=1000",
 )
+MECHANISM_REGIME = ("data=synthetic_context", "data.batch_size=8", *_REGIME_BESIDES_SCENES)
+# The same on the scenes with both twins of each pair in every image (192 x 384, the data config's batch
+# of 4: the pixels of a step stay those of the mechanism regime).
+TWINS_REGIME = ("data=synthetic_context_twins", *_REGIME_BESIDES_SCENES)
 MECHANISM_STEPS = 1000
+# 21 jobs (7 cells x 3 seeds) within 45 minutes of this 2-core CPU: see docs/mechanism/table6_twins.md.
+TWINS_STEPS = 300
+PAPER_TABLE6_COLUMNS = ("-", "ANL", "ANL-multi", "ours (c2f)")  # experiment=table6 adds OCR and CCNet
 PAPER_TABLE6_CELLS = (
     "single_none",
     "single_anl",
@@ -93,7 +120,7 @@ def cue_note(config: Mapping[str, Any]) -> list[str]:
     ):
         return []
     size = data["size"] if isinstance(data["size"], Sequence) else (data["size"], data["size"])
-    geometry = {key: data[key] for key in ("region_size", "marker_spacing", "marker_size")}
+    geometry = {key: data[key] for key in SCENE_KEYS if key in data}  # configs from before both_twins lack it
     scenes = [
         draw_context_scene(index, data["data_seed"], "val", tuple(size), **geometry)
         for index in range(data["val_samples"])
@@ -110,8 +137,19 @@ def cue_note(config: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def report_layout_and_look_alike(sweep_dir: Path) -> str:
-    return write_report(sweep_dir, focus=LOOK_ALIKE)[2]
+def report_layout_and_look_alike(sweep_dir: Path, columns: Sequence[str] | None = None) -> str:
+    """The paper's layout over all classes and over the look-alike classes, the cue on the scored
+    scenes, and each job's fused, level-1 and finest mIoU and its wall-clock minutes."""
+    runs = collect_runs(sweep_dir)
+    add_focus_metrics(runs, dict([LOOK_ALIKE]))
+    per_job = ["Per job (mIoU %), and its wall-clock minutes (start-up and final validation included):", ""]
+    per_job += jobs_markdown(runs, LOOK_ALIKE[0])
+    notes = [*cue_note(runs[0]["config"]), "", *per_job]
+    return write_report(sweep_dir, focus=LOOK_ALIKE, columns=columns, notes=notes)[2]
+
+
+def report_table6(sweep_dir: Path) -> str:
+    return report_layout_and_look_alike(sweep_dir, PAPER_TABLE6_COLUMNS)
 
 
 PRESETS: dict[str, Preset] = {
@@ -131,7 +169,14 @@ PRESETS: dict[str, Preset] = {
         ("experiment=table6", *MECHANISM_REGIME, f"cell={','.join(PAPER_TABLE6_CELLS)}"),
         MECHANISM_STEPS,
         "0",
-        report_layout_and_look_alike,
+        report_table6,
+    ),
+    "mechanism_table6_twins": Preset(
+        "mechanism_table6_twins",
+        ("experiment=table6", *TWINS_REGIME, f"cell={','.join(PAPER_TABLE6_CELLS)}"),
+        TWINS_STEPS,
+        "0,1,2",
+        report_table6,
     ),
     "mechanism_table7": Preset(
         "mechanism_table7",
@@ -196,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=None, help="sweep folder (default multirun/<task>/<time>)"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
-    args = parser.parse_args(argv)
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw_argv)
     preset = PRESETS[args.preset]
     out = args.out or Path("multirun") / preset.task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     command = sweep_command(
@@ -207,9 +253,32 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides,
     )
     print(" ".join(command), flush=True)
+    started, load_at_start = datetime.now(), os.getloadavg()[0]
     subprocess.run(command, check=True)
-    print(preset.report(out))
+    markdown = preset.report(out)
+    header = provenance(["python", "-m", "sfseg.ablation", *raw_argv], out, started, load_at_start)
+    (out / "report.md").write_text(header + "\n" + markdown)
+    print(header + "\n" + markdown)
     print(f"written: {out / 'report.md'} and {out / 'report.csv'}")
+
+
+def provenance(command: Sequence[str], sweep_dir: Path, started: datetime, load_at_start: float) -> str:
+    """The head of a preset's report.md: the command, the commits its jobs ran at (from each job's
+    versions.json), when it ran and how busy the machine was (1-minute load average at start and end)."""
+    commits: dict[str, int] = {}
+    for versions_file in sorted(sweep_dir.glob("*/versions.json")):
+        versions = json.loads(versions_file.read_text())
+        commit = versions.get("git_commit") or "unknown (not a git checkout)"
+        commit += " with local changes" if versions.get("git_dirty") else ""
+        commits[commit] = commits.get(commit, 0) + 1
+    ran_at = "; ".join(f"{commit} ({count} jobs)" for commit, count in commits.items()) or "no job finished"
+    minutes = (datetime.now() - started).total_seconds() / 60
+    return (
+        f"# `{shlex.join(command)}`\n\n"
+        f"Commit: {ran_at}. Started {started:%Y-%m-%d %H:%M}, {minutes:.1f} minutes in all, on "
+        f"{os.cpu_count()} CPUs; 1-minute load average {load_at_start:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end.\n"
+    )
 
 
 if __name__ == "__main__":
