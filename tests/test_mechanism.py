@@ -432,6 +432,12 @@ def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Pa
     out = tmp_path / "table7"
     run_ablation(tmp_path, "--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM)
     markdown = (out / "report.md").read_text()
+    head = markdown.splitlines()[:3]
+    assert (
+        head[0]
+        == f"# `python -m sfseg.ablation --preset mechanism_table7 --steps 2 --out {out} {' '.join(TINY_MECHANISM)}`"
+    )
+    assert head[2].startswith("Commit: ") and "(4 jobs)" in head[2] and "load average" in head[2]
     assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
     assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
     with (out / "report.csv").open() as handle:

@@ -76,7 +76,7 @@ MECHANISM_REGIME = ("data=synthetic_context", "data.batch_size=8", *_REGIME_BESI
 TWINS_REGIME = ("data=synthetic_context_twins", *_REGIME_BESIDES_SCENES)
 MECHANISM_STEPS = 1000
 # 21 jobs (7 cells x 3 seeds) within 45 minutes of this 2-core CPU: see docs/mechanism/table6_twins.md.
-TWINS_STEPS = 300
+TWINS_STEPS = 240
 PAPER_TABLE6_COLUMNS = ("-", "ANL", "ANL-multi", "ours (c2f)")  # experiment=table6 adds OCR and CCNet
 PAPER_TABLE6_CELLS = (
     "single_none",
