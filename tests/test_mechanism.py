@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from sfseg.ablation import MECHANISM_REGIME, PRESETS, sweep_command
+from sfseg.data.classes import SYNTHETIC_CLASSES
 from sfseg.data.synthetic_context import (
     CONTEXT_CLASSES,
     CONTEXT_PALETTE,
@@ -475,28 +476,39 @@ def test_table6_twins_preset_composes_every_cell_on_the_twin_scenes(run_dir: Pat
     assert preset.seeds == "0,1,2"
 
 
-def write_job(sweep: Path, name: str, config: dict, mistakes: int, seconds: float) -> None:
-    """A hand-made job folder as train() leaves it. Its confusion matrices (fused and every level, 100
-    pixels a class) send `mistakes` pixels of each look-alike class to its twin: their IoU is then
-    (100 - m) / (100 + m), the controls' 1."""
+def write_job(
+    sweep: Path,
+    name: str,
+    config: dict,
+    mistakes: int,
+    seconds: float,
+    classes: tuple[str, ...] = CONTEXT_CLASSES,
+    pairs: tuple[tuple[int, int], ...] = ((0, 1), (2, 3)),
+) -> float:
+    """A hand-made job folder as train() leaves it; returns the IoU of the paired classes. Its confusion
+    matrices (fused and every level, 100 pixels a class) send `mistakes` pixels of each class of a pair
+    to the other: their IoU is then (100 - m) / (100 + m), the other classes' 1."""
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"cell={config['cell']}"]))
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     (job / "versions.json").write_text(json.dumps({"git_commit": "abc123", "git_dirty": False}))
-    confmat = 100 * torch.eye(6, dtype=torch.long)
-    for cls, twin in ((0, 1), (1, 0), (2, 3), (3, 2)):
-        confmat[cls, cls] -= mistakes
-        confmat[cls, twin] += mistakes
+    confmat = 100 * torch.eye(len(classes), dtype=torch.long)
+    for first, second in pairs:
+        for cls, other in ((first, second), (second, first)):
+            confmat[cls, cls] -= mistakes
+            confmat[cls, other] += mistakes
     levels = config["model"]["levels"]
-    torch.save({"confmat": confmat.expand(levels + 1, 6, 6).clone()}, job / "val_counts.pt")
+    torch.save({"confmat": confmat.expand(levels + 1, -1, -1).clone()}, job / "val_counts.pt")
     iou = (100 - mistakes) / (100 + mistakes)
-    per_class = dict.fromkeys(CONTEXT_CLASSES[:4], iou) | dict.fromkeys(CONTEXT_CLASSES[4:], 1.0)
-    miou = (4 * iou + 2) / 6
+    paired = {classes[cls] for pair in pairs for cls in pair}
+    per_class = {name: iou if name in paired else 1.0 for name in classes}
+    miou = sum(per_class.values()) / len(classes)
     metrics = {"mIoU": miou, "mIoU_finest": miou, "mIoU_level1": miou, "per_class_iou": per_class, "step": 7}
     (job / "metrics.json").write_text(json.dumps(metrics))
     start = job.joinpath(".hydra", "overrides.yaml").stat().st_mtime
     os.utime(job / "metrics.json", (start + seconds, start + seconds))
+    return iou
 
 
 def test_table6_twins_report_lays_out_the_paper_table_from_job_folders(tmp_path: Path, run_dir: Path):
@@ -542,3 +554,54 @@ def test_table6_twins_report_lays_out_the_paper_table_from_job_folders(tmp_path:
     assert len(job_lines) == 14
     for name, seed, *_, steps, minutes in job_lines:
         assert seed == str(int(name.split("_")[0]) % 2) and steps == "7" and minutes == "1.5"  # 90 or 91 s
+
+
+# --- Table 7 on the embedded default (`--preset default_table7`) ----------------------------------------------
+
+
+def test_default_table7_preset_composes_the_embedded_default_per_policy(run_dir: Path):
+    """experiment=synthetic's data, backbone, heads, optimizer and trainer, without a context module,
+    one relabel policy per cell."""
+    preset = PRESETS["default_table7"]
+    (axis,) = [override for override in preset.overrides if override.startswith("cell=")]
+    assert axis == "cell=naive,oracle,true_positive" and preset.seeds == "0,1,2"
+    reference = compose_config(["experiment=synthetic"], run_dir)
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    for policy in ("naive", "oracle", "true_positive"):
+        cfg = compose_config([*fixed, f"cell={policy}"], run_dir)
+        assert cfg.data == reference.data
+        for key in ("backbone", "semantic_channels", "unity_channels", "optimizer", "tau", "levels"):
+            assert cfg.model[key] == reference.model[key], key
+        assert cfg.model.context.name == "none" and cfg.model.relabel.policy == policy
+        assert cfg.trainer.accelerator == reference.trainer.accelerator
+        assert cfg.trainer.check_val_every_n_epoch == 1000  # one validation, after training
+
+
+def test_default_table7_report_has_the_three_policies_over_all_classes_and_things(
+    tmp_path: Path, run_dir: Path
+):
+    preset = PRESETS["default_table7"]
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    sweep = tmp_path / "sweep"
+    things = ((6, 7), (8, 9), (10, 11))  # person/car, pole/sign, ball/window: SYNTHETIC_THINGS
+    expected = {}
+    for number, policy in enumerate(("naive", "oracle", "true_positive")):
+        config = resolved_config(compose_config([*fixed, f"cell={policy}", "data.val_samples=3"], run_dir))
+        iou = write_job(
+            sweep, f"{number}_cell={policy}", config, 30 - 10 * number, 60, SYNTHETIC_CLASSES, things
+        )
+        expected[policy] = iou
+    markdown = preset.report(sweep)
+    tables = markdown.split("### ")[1:]
+    assert len(tables) == 2 and "things classes only" in tables[1]
+    header = "|  | naive | simple fix (oracle) | our final (true positive) |"
+    for table, on_things in zip(tables, (False, True), strict=True):
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        assert lines[0] == header  # the single output, not swept, is left out
+        cells = lines[2].strip("| ").split(" | ")[1:]
+        for cell, policy in zip(cells, ("naive", "oracle", "true_positive"), strict=True):
+            iou = expected[policy]
+            value = 100 * iou if on_things else 100 * (6 * iou + 6) / 12
+            assert cell == f"{value:.2f} ± 0.00"
+    assert "marker" not in markdown  # no cue note: not the look-alike scenes
+    assert len([line for line in markdown.splitlines() if "_cell=" in line]) == 3
