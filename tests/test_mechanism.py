@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from scipy import ndimage
 
 from sfseg import check_runner
 from sfseg.ablation import MECHANISM_REGIME, PRESETS, cue_note, sweep_command
+from sfseg.data.classes import SYNTHETIC_CLASSES
 from sfseg.data.synthetic_context import (
     CONTEXT_CLASSES,
     CONTEXT_PALETTE,
@@ -38,6 +40,7 @@ from sfseg.data.synthetic_context import (
 )
 from sfseg.models.backbones import LocalResNet, create_backbone
 from sfseg.module import training_loss
+from sfseg.runs import resolved_config
 from tests.conftest import TINY, compose_config
 from tests.test_reproducibility import ENV
 
@@ -94,8 +97,10 @@ def test_local_backbone_needs_only_multiples_of_4():
 _DIGEST_SCRIPT = """
 import hashlib
 from sfseg.data.synthetic_context import render_context_scene
-for index, seed, split, size in [(0, 0, "train", (192, 192)), (17, 3, "val", (128, 160))]:
-    image, label = render_context_scene(index, seed, split, size)
+for index, seed, split, size, both in [
+    (0, 0, "train", (192, 192), False), (17, 3, "val", (128, 160), False), (5, 2, "val", (192, 384), True)
+]:
+    image, label = render_context_scene(index, seed, split, size, both_twins=both)
     print(hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest())
 """
 
@@ -107,9 +112,11 @@ def test_scenes_are_deterministic_per_data_seed():
         ).stdout.split()
         for _ in range(2)
     ]
-    assert len(digests[0]) == 2 and digests[0] == digests[1]
+    assert len(digests[0]) == 3 and digests[0] == digests[1]
     image, label = render_context_scene(0)
     assert digests[0][0] == hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()
+    image, label = render_context_scene(5, 3, "val", (192, 384), both_twins=True)  # another data seed
+    assert digests[0][2] != hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()
     others = [
         render_context_scene(0, seed=1)[1],
         render_context_scene(0, split="val")[1],
@@ -253,6 +260,88 @@ def test_cue_note_is_the_coverage_of_the_val_scenes_the_jobs_scored():
     assert cue_note({**config, "model": {"backbone": {"name": "hrnet_w18_small"}}}) == []
     other_data = {**data, "_target_": "sfseg.data.datamodule.SyntheticDataModule"}
     assert cue_note({**config, "data": other_data}) == []
+
+
+# --- both twins in every image (data=synthetic_context_twins) -----------------------------------------------
+
+TWINS_SIZE = (192, 384)  # the data config's: a 2 x 4 grid of 96-pixel regions
+
+
+@pytest.fixture(scope="module")
+def twin_scenes():
+    return [draw_context_scene(index, size=TWINS_SIZE, both_twins=True) for index in range(60)]
+
+
+def grid_classes(label: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The class at the centre of each nominal grid cell: the wavy cuts stay within 0.3 of a region's
+    side of their nominal place, so the centre lies in region (row, col)."""
+    h, w = label.shape
+    ys = ((np.arange(rows) + 0.5) * h / rows).astype(int)
+    xs = ((np.arange(cols) + 0.5) * w / cols).astype(int)
+    return label[np.ix_(ys, xs)]
+
+
+def test_both_twins_known_answer_on_a_drawn_scene():
+    """Scene 0 at 192 x 384: 2 x 4 regions, each look in the two regions of one slot of the 2 x 2
+    tiling, and each look-alike look dealt one region of each twin."""
+    scene = draw_context_scene(0, size=TWINS_SIZE, both_twins=True)
+    grid = grid_classes(scene.label, 2, 4)
+    looks = LOOK_OF_ID[grid]
+    for row in range(2):
+        for col in range(2):  # a slot: the regions (row, col) and (row, col + 2)
+            assert looks[row, col] == looks[row, col + 2]
+    assert sorted(looks[:, :2].ravel()) == [0, 1, 2, 3]
+    names = sorted(CONTEXT_CLASSES[cls] for cls in grid.ravel())
+    assert names == ["grass", "grass", "road", "road", "sand", "sky", "wall", "water"]
+    # Each region's label is its class everywhere: the region at a grid centre is one class, and the
+    # markers inside it name that class.
+    for row, col in np.ndindex(2, 4):
+        components, _ = ndimage.label(scene.label == grid[row, col])
+        centre = (int((row + 0.5) * 96), int((col + 0.5) * 96))
+        region = components == components[centre]
+        assert region.sum() > 48 * 48
+        named = set(np.unique(scene.markers[region])) - {NO_MARKER}
+        assert named <= {int(grid[row, col])}
+
+
+def test_both_twins_every_image_holds_both_twins_and_their_markers(twin_scenes):
+    look_alike = LOOK_ALIKE_IDS
+    for scene in twin_scenes:
+        assert scene.image.shape == (*TWINS_SIZE, 3)
+        assert set(np.unique(scene.label)) == set(range(len(CONTEXT_CLASSES)))
+        marked = scene.markers != NO_MARKER
+        assert np.array_equal(scene.markers[marked], scene.label[marked])  # a marker names its own region
+        for cls in look_alike:
+            assert np.all(scene.image[scene.markers == cls] == MARKER_COLOURS[cls])
+    with_all_markers = sum(all((scene.markers == cls).any() for cls in look_alike) for scene in twin_scenes)
+    assert with_all_markers >= 0.9 * len(twin_scenes)  # a wavy region may be too thin for a marker
+
+
+def test_both_twins_deal_is_fair_and_ignores_position(twin_scenes):
+    """Which of its look's two regions (columns c and c + 2 of one row) a twin gets: a coin per image."""
+    for first, second in LOOK_ALIKE_PAIRS:
+        pair = [CONTEXT_CLASSES.index(first), CONTEXT_CLASSES.index(second)]
+        first_on_the_left = []
+        for scene in twin_scenes:
+            grid = grid_classes(scene.label, 2, 4)
+            rows, cols = np.nonzero(np.isin(grid, pair))
+            assert len(set(rows)) == 1 and sorted(cols)[1] - sorted(cols)[0] == 2
+            first_on_the_left.append(grid[rows[0], min(cols)] == pair[0])
+        assert 0.25 < np.mean(first_on_the_left) < 0.75
+
+
+def test_both_twins_keep_the_cue_geometry(twin_scenes):
+    coverage = cue_coverage(twin_scenes, LocalResNet.receptive_field, cell_sizes=(32,))
+    assert coverage["pixel"] < 0.35 and coverage["cells32"] > 0.5 and coverage["cell32"] > 0.7
+
+
+def test_both_twins_needs_room_for_two_regions_of_each_look():
+    with pytest.raises(ValueError, match=r"data\.both_twins=true .* data\.size=\[192, 192\] .* 2 x 2 grid"):
+        draw_context_scene(0, size=(192, 192), both_twins=True)
+    with pytest.raises(ValueError, match=r"data\.both_twins"):
+        ContextScenes("train", 2, size=(192, 192), both_twins=True)
+    scene = draw_context_scene(0, size=(192, 288), both_twins=True)  # 2 x 3: slots of 2, 1, 2, 1 regions
+    assert set(LOOK_ALIKE_IDS) <= set(np.unique(scene.label))
 
 
 @pytest.mark.parametrize(
@@ -552,6 +641,12 @@ def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Pa
     out = tmp_path / "table7"
     run_ablation(tmp_path, "--preset", "mechanism_table7", "--steps", "2", "--out", str(out), *TINY_MECHANISM)
     markdown = (out / "report.md").read_text()
+    head = markdown.splitlines()[:3]
+    assert (
+        head[0]
+        == f"# `python -m sfseg.ablation --preset mechanism_table7 --steps 2 --out {out} {' '.join(TINY_MECHANISM)}`"
+    )
+    assert head[2].startswith("Commit: ") and "(4 jobs)" in head[2] and "load average" in head[2]
     assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
     assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
     with (out / "report.csv").open() as handle:
@@ -566,3 +661,155 @@ def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Pa
             [np.nan if per_class[name] is None else per_class[name] for name in LOOK_ALIKE_CLASSES]
         )
         assert float(cell["mean"]) == pytest.approx(100 * expected)
+
+
+# --- Table 6 on the scenes with both twins (`--preset mechanism_table6_twins`) ---------------------------------
+
+
+def test_table6_twins_preset_composes_every_cell_on_the_twin_scenes(run_dir: Path):
+    """Each of the paper's seven cells on data=synthetic_context_twins, with the regime's backbone,
+    heads, optimizer and trainer."""
+    preset = PRESETS["mechanism_table6_twins"]
+    (axis,) = [override for override in preset.overrides if override.startswith("cell=")]
+    reference = compose_preset("mechanism", run_dir)
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    for cell in axis.removeprefix("cell=").split(","):
+        cfg = compose_config([*fixed, f"cell={cell}"], run_dir)
+        assert cfg.data.both_twins and list(cfg.data.size) == [192, 384] and cfg.data.batch_size == 4
+        assert cfg.data["_target_"].endswith("SyntheticContextDataModule") and "crop_size" not in cfg.data
+        for key in ("backbone", "semantic_channels", "unity_channels", "optimizer", "tau"):
+            assert cfg.model[key] == reference.model[key], key
+        assert cfg.model.levels == (1 if cell.startswith("single") else 4)
+        assert cfg.model.context.name == cell.split("_", 1)[1]
+    assert preset.seeds == "0,1,2"
+
+
+def write_job(
+    sweep: Path,
+    name: str,
+    config: dict,
+    mistakes: int,
+    seconds: float,
+    classes: tuple[str, ...] = CONTEXT_CLASSES,
+    pairs: tuple[tuple[int, int], ...] = ((0, 1), (2, 3)),
+) -> float:
+    """A hand-made job folder as train() leaves it; returns the IoU of the paired classes. Its confusion
+    matrices (fused and every level, 100 pixels a class) send `mistakes` pixels of each class of a pair
+    to the other: their IoU is then (100 - m) / (100 + m), the other classes' 1."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"cell={config['cell']}"]))
+    (job / "config.yaml").write_text(yaml.safe_dump(config))
+    (job / "versions.json").write_text(json.dumps({"git_commit": "abc123", "git_dirty": False}))
+    confmat = 100 * torch.eye(len(classes), dtype=torch.long)
+    for first, second in pairs:
+        for cls, other in ((first, second), (second, first)):
+            confmat[cls, cls] -= mistakes
+            confmat[cls, other] += mistakes
+    levels = config["model"]["levels"]
+    torch.save({"confmat": confmat.expand(levels + 1, -1, -1).clone()}, job / "val_counts.pt")
+    iou = (100 - mistakes) / (100 + mistakes)
+    paired = {classes[cls] for pair in pairs for cls in pair}
+    per_class = {name: iou if name in paired else 1.0 for name in classes}
+    miou = sum(per_class.values()) / len(classes)
+    metrics = {"mIoU": miou, "mIoU_finest": miou, "mIoU_level1": miou, "per_class_iou": per_class, "step": 7}
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    start = job.joinpath(".hydra", "overrides.yaml").stat().st_mtime
+    os.utime(job / "metrics.json", (start + seconds, start + seconds))
+    return iou
+
+
+def test_table6_twins_report_lays_out_the_paper_table_from_job_folders(tmp_path: Path, run_dir: Path):
+    """report.md of the preset, on hand-made job folders of the seven cells x two seeds: the paper's four
+    columns (no OCR, CCNet), "-" for single x ANL-multi, each cell the mean of its seeds over all and over
+    the look-alike classes, the cue on the val scenes, and a line per job with its minutes."""
+    preset = PRESETS["mechanism_table6_twins"]
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    sweep = tmp_path / "sweep"
+    expected = {}
+    cells = ("single_none", "single_anl", "single_c2f", "pyramidal_none", "pyramidal_anl")
+    cells += ("pyramidal_anl_multi", "pyramidal_c2f")
+    for number, cell in enumerate(cells):
+        overrides = [*fixed, f"cell={cell}", "data.size=[64,128]", "data.region_size=32"]
+        overrides += ["data.marker_spacing=16", "data.val_samples=3"]
+        config = resolved_config(compose_config(overrides, run_dir))  # as train() saves it
+        for seed, mistakes in ((0, 2 * number), (1, 2 * number + 10)):
+            write_job(
+                sweep, f"{2 * number + seed}_cell={cell}", {**config, "seed": seed}, mistakes, 90 + seed
+            )
+            expected.setdefault(cell, []).append(mistakes)
+
+    markdown = preset.report(sweep)
+    assert markdown == (sweep / "report.md").read_text()
+    tables = [block for block in markdown.split("### ")[1:]]
+    assert len(tables) == 2 and "look-alike classes only" in tables[1]
+    for table, look_alike in zip(tables, (False, True), strict=True):
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        assert lines[0] == "| Output format | - | ANL | ANL-multi | ours (c2f) |"
+        single, pyramidal = (line.split(" | ")[1:] for line in lines[2:4])
+        assert single[2] == "-"  # the paper leaves single x ANL-multi empty
+        order = ("none", "anl", "anl_multi", "c2f")
+        for row, prefix in ((single, "single"), (pyramidal, "pyramidal")):
+            for column, context in enumerate(order):
+                if f"{prefix}_{context}" not in expected:
+                    continue
+                ious = [(100 - m) / (100 + m) for m in expected[f"{prefix}_{context}"]]
+                values = [100 * iou if look_alike else 100 * (4 * iou + 2) / 6 for iou in ious]
+                mean, spread = np.mean(values), np.std(values, ddof=1)
+                assert row[column].strip(" |") == f"{mean:.2f} ± {spread:.2f}"
+    assert "of the look-alike pixels have a marker of their class within the 31 x 31 square" in markdown
+    job_lines = [line.strip("| ").split(" | ") for line in markdown.splitlines() if "_cell=" in line]
+    assert len(job_lines) == 14
+    for name, seed, *_, steps, minutes in job_lines:
+        assert seed == str(int(name.split("_")[0]) % 2) and steps == "7" and minutes == "1.5"  # 90 or 91 s
+
+
+# --- Table 7 on the embedded default (`--preset default_table7`) ----------------------------------------------
+
+
+def test_default_table7_preset_composes_the_embedded_default_per_policy(run_dir: Path):
+    """experiment=synthetic's data, backbone, heads, optimizer and trainer, without a context module,
+    one relabel policy per cell."""
+    preset = PRESETS["default_table7"]
+    (axis,) = [override for override in preset.overrides if override.startswith("cell=")]
+    assert axis == "cell=naive,oracle,true_positive" and preset.seeds == "0,1,2"
+    reference = compose_config(["experiment=synthetic"], run_dir)
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    for policy in ("naive", "oracle", "true_positive"):
+        cfg = compose_config([*fixed, f"cell={policy}"], run_dir)
+        assert cfg.data == reference.data
+        for key in ("backbone", "semantic_channels", "unity_channels", "optimizer", "tau", "levels"):
+            assert cfg.model[key] == reference.model[key], key
+        assert cfg.model.context.name == "none" and cfg.model.relabel.policy == policy
+        assert cfg.trainer.accelerator == reference.trainer.accelerator
+        assert cfg.trainer.check_val_every_n_epoch == 1000  # one validation, after training
+
+
+def test_default_table7_report_has_the_three_policies_over_all_classes_and_things(
+    tmp_path: Path, run_dir: Path
+):
+    preset = PRESETS["default_table7"]
+    fixed = [override for override in preset.overrides if not override.startswith("cell=")]
+    sweep = tmp_path / "sweep"
+    things = ((6, 7), (8, 9), (10, 11))  # person/car, pole/sign, ball/window: SYNTHETIC_THINGS
+    expected = {}
+    for number, policy in enumerate(("naive", "oracle", "true_positive")):
+        config = resolved_config(compose_config([*fixed, f"cell={policy}", "data.val_samples=3"], run_dir))
+        iou = write_job(
+            sweep, f"{number}_cell={policy}", config, 30 - 10 * number, 60, SYNTHETIC_CLASSES, things
+        )
+        expected[policy] = iou
+    markdown = preset.report(sweep)
+    tables = markdown.split("### ")[1:]
+    assert len(tables) == 2 and "things classes only" in tables[1]
+    header = "|  | naive | simple fix (oracle) | our final (true positive) |"
+    for table, on_things in zip(tables, (False, True), strict=True):
+        lines = [line for line in table.splitlines() if line.startswith("|")]
+        assert lines[0] == header  # the single output, not swept, is left out
+        cells = lines[2].strip("| ").split(" | ")[1:]
+        for cell, policy in zip(cells, ("naive", "oracle", "true_positive"), strict=True):
+            iou = expected[policy]
+            value = 100 * iou if on_things else 100 * (6 * iou + 6) / 12
+            assert cell == f"{value:.2f} ± 0.00"
+    assert "marker" not in markdown  # no cue note: not the look-alike scenes
+    assert len([line for line in markdown.splitlines() if "_cell=" in line]) == 3

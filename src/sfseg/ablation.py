@@ -17,6 +17,15 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
       under Eq. 2), seeds 0,1,2, in the controlled experiment and on the embedded default (900 steps).
       Every job scores hard, soft and learned, level 1 alone, the best single level and the oracle fuse;
       the report checks each rule against level 1 alone and against hard.
+  mechanism_table6_twins  Table 6 (seeds 0,1,2) on scenes that hold both twins of each pair in every
+      image (data=synthetic_context_twins), so that a context module attending over the whole image has
+      to pick the markers of the pixel's own region.
+  default_table7  Table 7's three relabel policies (seeds 0,1,2) on the embedded default without a
+      context module (experiment=synthetic's data, backbone and heads), over all classes and the small
+      things (person, car, pole, sign, ball, window).
+
+report.md starts with the command, the commit its jobs ran at and how busy the machine was, and the
+table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes.
 
 Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 """
@@ -24,6 +33,9 @@ Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -32,21 +44,34 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sfseg.data.synthetic_context import CONTEXT_CLASSES, LOOK_ALIKE_CLASSES, cue_coverage, draw_context_scene
+from sfseg.data.classes import SYNTHETIC_THINGS
+from sfseg.data.synthetic_context import (
+    CONTEXT_CLASSES,
+    LOOK_ALIKE_CLASSES,
+    SCENE_KEYS,
+    cue_coverage,
+    draw_context_scene,
+)
 from sfseg.models.backbones import LocalResNet
 from sfseg.pyramid import level_strides
-from sfseg.sweeps import load_job_config, write_fuse_report, write_mechanism_report, write_report
+from sfseg.sweeps import (
+    add_focus_metrics,
+    collect_runs,
+    jobs_markdown,
+    load_job_config,
+    write_fuse_report,
+    write_mechanism_report,
+    write_report,
+)
 
 LOOK_ALIKE = ("look-alike", LOOK_ALIKE_CLASSES)
 CONTROLS = ("controls", tuple(name for name in CONTEXT_CLASSES if name not in LOOK_ALIKE_CLASSES))
 
 # The regime of experiment=mechanism, restated for the experiments built on ablation_hrnet32 (ADE20K,
 # HRNet32, GPU): tests/test_mechanism.py checks that both compose to the same data, model and trainer.
-MECHANISM_REGIME = (
-    "data=synthetic_context",
+_REGIME_BESIDES_SCENES = (
     "~data.crop_size",
     "~data.subsample",
-    "data.batch_size=8",
     "model/backbone=local",
     "model.backbone.pretrained=false",
     "model.semantic_channels=128",
@@ -55,8 +80,34 @@ MECHANISM_REGIME = (
     "trainer=default",
     "trainer.check_val_every_n_epoch=1000",
 )
+MECHANISM_REGIME = ("data=synthetic_context", "data.batch_size=8", *_REGIME_BESIDES_SCENES)
+# The same on the scenes with both twins of each pair in every image (192 x 384, the data config's batch
+# of 4: the pixels of a step stay those of the mechanism regime).
+TWINS_REGIME = ("data=synthetic_context_twins", *_REGIME_BESIDES_SCENES)
 MECHANISM_STEPS = 1000
 DEFAULT_STEPS = 900  # experiment=synthetic's, `make train`'s
+# The embedded default (experiment=synthetic: 128 px scenes with stuff and small things, hrnet_w18_small
+# from scratch, D_s=128, D_u=32, lr 0.05, batch 16), restated for the experiments built on
+# ablation_hrnet32; one validation after training.
+DEFAULT_REGIME = (
+    "data=synthetic",
+    "~data.crop_size",
+    "~data.subsample",
+    "model/backbone=hrnet_w18_small",
+    "model.backbone.pretrained=false",
+    "model.semantic_channels=128",
+    "model.unity_channels=32",
+    "model.optimizer.lr=0.05",
+    "trainer=default",
+    "trainer.check_val_every_n_epoch=1000",
+)
+THINGS = ("things", SYNTHETIC_THINGS)
+# 9 jobs (3 policies x 3 seeds) within 45 minutes of this 2-core CPU: see docs/mechanism/table7_relabel.md.
+DEFAULT_TABLE7_STEPS = 400
+# 21 jobs (7 cells x 3 seeds) within 45 minutes of this 2-core CPU: see docs/mechanism/table6_twins.md.
+TWINS_STEPS = 240
+PAPER_TABLE6_COLUMNS = ("-", "ANL", "ANL-multi", "ours (c2f)")  # experiment=table6 adds OCR and CCNet
+TABLE7_POLICY_COLUMNS = ("naive", "simple fix (oracle)", "our final (true positive)")  # no single output
 PAPER_TABLE6_CELLS = (
     "single_none",
     "single_anl",
@@ -99,7 +150,7 @@ def cue_note(config: Mapping[str, Any]) -> list[str]:
     ):
         return []
     size = data["size"] if isinstance(data["size"], Sequence) else (data["size"], data["size"])
-    geometry = {key: data[key] for key in ("region_size", "marker_spacing", "marker_size")}
+    geometry = {key: data[key] for key in SCENE_KEYS if key in data}  # configs from before both_twins lack it
     scenes = [
         draw_context_scene(index, data["data_seed"], "val", tuple(size), **geometry)
         for index in range(data["val_samples"])
@@ -124,8 +175,28 @@ def report_fuse(sweep_dir: Path) -> str:
     return write_fuse_report(sweep_dir, groups, cue_note(config))[2]
 
 
-def report_layout_and_look_alike(sweep_dir: Path) -> str:
-    return write_report(sweep_dir, focus=LOOK_ALIKE)[2]
+def report_layout_and_look_alike(
+    sweep_dir: Path,
+    columns: Sequence[str] | None = None,
+    focus: tuple[str, Sequence[str]] = LOOK_ALIKE,
+) -> str:
+    """The paper's layout over all classes and over the `focus` classes (the look-alike ones by
+    default), the cue on the scored scenes (look-alike scenes only), and each job's fused, level-1 and
+    finest mIoU and its wall-clock minutes."""
+    runs = collect_runs(sweep_dir)
+    add_focus_metrics(runs, dict([focus]))
+    per_job = ["Per job (mIoU %), and its wall-clock minutes (start-up and final validation included):", ""]
+    per_job += jobs_markdown(runs, focus[0])
+    notes = [*cue_note(runs[0]["config"]), "", *per_job]
+    return write_report(sweep_dir, focus=focus, columns=columns, notes=notes)[2]
+
+
+def report_table6(sweep_dir: Path) -> str:
+    return report_layout_and_look_alike(sweep_dir, PAPER_TABLE6_COLUMNS)
+
+
+def report_table7_policies(sweep_dir: Path) -> str:
+    return report_layout_and_look_alike(sweep_dir, TABLE7_POLICY_COLUMNS, THINGS)
 
 
 PRESETS: dict[str, Preset] = {
@@ -153,7 +224,14 @@ PRESETS: dict[str, Preset] = {
         ("experiment=table6", *MECHANISM_REGIME, f"cell={','.join(PAPER_TABLE6_CELLS)}"),
         MECHANISM_STEPS,
         "0",
-        report_layout_and_look_alike,
+        report_table6,
+    ),
+    "mechanism_table6_twins": Preset(
+        "mechanism_table6_twins",
+        ("experiment=table6", *TWINS_REGIME, f"cell={','.join(PAPER_TABLE6_CELLS)}"),
+        TWINS_STEPS,
+        "0,1,2",
+        report_table6,
     ),
     "mechanism_table7": Preset(
         "mechanism_table7",
@@ -161,6 +239,13 @@ PRESETS: dict[str, Preset] = {
         MECHANISM_STEPS,
         "0",
         report_layout_and_look_alike,
+    ),
+    "default_table7": Preset(
+        "default_table7",
+        ("experiment=table7", *DEFAULT_REGIME, "cell=naive,oracle,true_positive"),
+        DEFAULT_TABLE7_STEPS,
+        "0,1,2",
+        report_table7_policies,
     ),
     "mechanism_levels": Preset(
         "mechanism_levels",
@@ -218,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         "--out", type=Path, default=None, help="sweep folder (default multirun/<task>/<time>)"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job")
-    args = parser.parse_args(argv)
+    raw_argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(raw_argv)
     preset = PRESETS[args.preset]
     out = args.out or Path("multirun") / preset.task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     command = sweep_command(
@@ -229,9 +315,32 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides,
     )
     print(" ".join(command), flush=True)
+    started, load_at_start = datetime.now(), os.getloadavg()[0]
     subprocess.run(command, check=True)
-    print(preset.report(out))
+    markdown = preset.report(out)
+    header = provenance(["python", "-m", "sfseg.ablation", *raw_argv], out, started, load_at_start)
+    (out / "report.md").write_text(header + "\n" + markdown)
+    print(header + "\n" + markdown)
     print(f"written: {out / 'report.md'} and {out / 'report.csv'}")
+
+
+def provenance(command: Sequence[str], sweep_dir: Path, started: datetime, load_at_start: float) -> str:
+    """The head of a preset's report.md: the command, the commits its jobs ran at (from each job's
+    versions.json), when it ran and how busy the machine was (1-minute load average at start and end)."""
+    commits: dict[str, int] = {}
+    for versions_file in sorted(sweep_dir.glob("*/versions.json")):
+        versions = json.loads(versions_file.read_text())
+        commit = versions.get("git_commit") or "unknown (not a git checkout)"
+        commit += " with local changes" if versions.get("git_dirty") else ""
+        commits[commit] = commits.get(commit, 0) + 1
+    ran_at = "; ".join(f"{commit} ({count} jobs)" for commit, count in commits.items()) or "no job finished"
+    minutes = (datetime.now() - started).total_seconds() / 60
+    return (
+        f"# `{shlex.join(command)}`\n\n"
+        f"Commit: {ran_at}. Started {started:%Y-%m-%d %H:%M}, {minutes:.1f} minutes in all, on "
+        f"{os.cpu_count()} CPUs; 1-minute load average {load_at_start:.2f} at the start and "
+        f"{os.getloadavg()[0]:.2f} at the end.\n"
+    )
 
 
 if __name__ == "__main__":

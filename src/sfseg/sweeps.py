@@ -285,16 +285,27 @@ def write_report(
     by: Sequence[str] | None = None,
     metrics: Sequence[str] = DEFAULT_METRICS,
     focus: tuple[str, Sequence[str]] | None = None,
+    columns: Sequence[str] | None = None,
+    notes: Sequence[str] = (),
 ) -> tuple[Path, Path, str]:
     """Write `report.md` and `report.csv` into the sweep folder; return their paths and the table.
 
     The paper's layout when the jobs' experiment has a `report` section and `by` is not given (CSV:
     one line per cell); otherwise one row per combination of the `by` overrides. `focus` (a name and
-    class names) adds the mIoU over those classes: a second table in the layout, more columns otherwise."""
+    class names) adds the mIoU over those classes: a second table in the layout, more columns otherwise.
+    `columns` keeps only the layout's columns of those names (e.g. the paper's four of Table 6);
+    `notes` (markdown lines) follow the tables."""
     runs = collect_runs(sweep_dir)
     if focus:
         add_focus_metrics(runs, dict([focus]))
     layout = report_layout(runs) if by is None else None
+    if layout and columns is not None:
+        unknown = sorted(set(columns) - {column["name"] for column in layout["columns"]})
+        if unknown:
+            raise ValueError(
+                f"columns {unknown} are not columns of the report layout {layout.get('title')!r}"
+            )
+        layout = {**layout, "columns": [column for column in layout["columns"] if column["name"] in columns]}
     if layout:
         layouts = [layout, focus_layout(layout, focus[0])] if focus else [layout]
         rows, parts = [], []
@@ -316,10 +327,39 @@ def write_report(
             metrics = [*metrics, *(focus_metric(metric, focus[0]) for metric in metrics)]
         rows = summarize(runs, by, metrics)
         markdown = to_markdown(rows, metrics)
+    if notes:
+        markdown += "\n" + "\n".join(notes) + "\n"
     md_path, csv_path = Path(sweep_dir) / "report.md", Path(sweep_dir) / "report.csv"
     md_path.write_text(markdown)
     write_csv(csv_path, rows)
     return md_path, csv_path, markdown
+
+
+def job_seconds(job: str | Path) -> float:
+    """Wall-clock seconds of one finished job: from Hydra writing its `.hydra/overrides.yaml` (the job's
+    start) to train() writing its metrics.json (after the final validation)."""
+    job = Path(job)
+    return (job / "metrics.json").stat().st_mtime - (job / ".hydra" / "overrides.yaml").stat().st_mtime
+
+
+def jobs_markdown(runs: Sequence[dict[str, Any]], focus_name: str | None = None) -> list[str]:
+    """One row per job: mIoU (%) of the fused output, of level 1 alone and of the finest level alone
+    (and the fused mIoU over focus group `focus_name`, from `add_focus_metrics`), its steps and its
+    wall-clock minutes (`job_seconds`)."""
+    header = ["job", "seed", "fused"]
+    header += [f"fused, {focus_name}"] if focus_name else []
+    header += ["level 1 alone", "finest alone", "steps", "minutes"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for run in sorted(runs, key=lambda run: run["job"]):
+        metrics = run["metrics"]
+        values = [metrics["mIoU"]]
+        values += [metrics[focus_metric("mIoU", focus_name)]] if focus_name else []
+        values += [metrics.get("mIoU_level1", metrics["mIoU"]), metrics["mIoU_finest"]]
+        texts = [format_percent(100 * value) for value in values]
+        seed = config_value(run["config"], "seed")
+        texts += [str(metrics.get("step", "-")), f"{job_seconds(run['job']) / 60:.1f}"]
+        lines.append(f"| {Path(run['job']).name} | {seed} | " + " | ".join(texts) + " |")
+    return lines
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

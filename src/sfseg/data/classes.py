@@ -27,6 +27,7 @@ SYNTHETIC_CLASSES: tuple[str, ...] = (
     "ball",
     "window",
 )
+SYNTHETIC_THINGS: tuple[str, ...] = SYNTHETIC_CLASSES[6:]
 # Mask colours only (the rendered images use overlapping colours); chosen to be far apart from each other.
 SYNTHETIC_PALETTE: tuple[tuple[int, int, int], ...] = (
     (70, 130, 180),  # sky: steel blue

@@ -179,19 +179,28 @@ class SyntheticContextDataModule(SyntheticDataModule):
         region_size: int = 96,
         marker_spacing: int = 64,
         marker_size: int = 8,
+        both_twins: bool = False,
         size: int | Sequence[int] = 192,
         **kwargs: Any,
     ) -> None:
         super().__init__(size=size, **kwargs)
-        from sfseg.data.synthetic_context import CONTEXT_CLASSES, CONTEXT_PALETTE, check_geometry
+        from sfseg.data.synthetic_context import (
+            CONTEXT_CLASSES,
+            CONTEXT_PALETTE,
+            check_geometry,
+            check_twin_layout,
+        )
 
         check_geometry(region_size, marker_spacing, marker_size)
+        if both_twins:
+            check_twin_layout(self.size, region_size)
         self.classes = CONTEXT_CLASSES
         self.palette = CONTEXT_PALETTE
         self.geometry = {
             "region_size": region_size,
             "marker_spacing": marker_spacing,
             "marker_size": marker_size,
+            "both_twins": both_twins,
         }
 
     def scenes(self, split: str, num_samples: int, transform: Any) -> Dataset:

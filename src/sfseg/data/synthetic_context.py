@@ -16,6 +16,12 @@ small backbone's receptive field R (`model/backbone=local`), so a classifier tha
 guess there, while a coarse pyramid cell, which pools a cell of s_l pixels and so sees about s_l + R
 (Eq. 3 with `model/context=none`), does see one. `cue_coverage` measures both on rendered scenes.
 
+With `both_twins` (`data=synthetic_context_twins`), every image holds both twins of each pair: the grid
+has at least two regions of each look-alike look, and their classes are dealt so that each twin gets
+about half of them (which region gets which, a shuffle decides). Looking over the whole image then
+no longer tells which twin a region is (both sets of markers are always there): a context module that
+attends over the image has to pick the markers of the pixel's own region.
+
 Determinism as in `sfseg.data.synthetic`: a scene depends only on (seed, split, index, size and the
 geometry keys), drawn with PCG64 uniform draws and IEEE-exact arithmetic.
 """
@@ -37,6 +43,7 @@ __all__ = [
     "CONTEXT_PALETTE",
     "LOOK_ALIKE_CLASSES",
     "LOOK_ALIKE_PAIRS",
+    "SCENE_KEYS",
     "ContextScene",
     "ContextScenes",
     "cue_coverage",
@@ -70,6 +77,8 @@ MARKER_COLOURS: dict[int, tuple[int, int, int]] = {
 NO_MARKER = 255
 
 DEFAULT_GEOMETRY = {"region_size": 96, "marker_spacing": 64, "marker_size": 8}
+# The data config keys that shape a scene beyond its size and seed (draw_context_scene's keywords).
+SCENE_KEYS = (*DEFAULT_GEOMETRY, "both_twins")
 
 
 class ContextScene(NamedTuple):
@@ -92,6 +101,30 @@ def check_geometry(region_size: int, marker_spacing: int, marker_size: int) -> N
     if region_size < 2 * marker_size:
         raise ValueError(
             f"data.region_size must be >= 2 * data.marker_size = {2 * marker_size}, got {region_size}"
+        )
+
+
+def grid_shape(size: tuple[int, int], region_size: int) -> tuple[int, int]:
+    """Rows and columns of the region grid: round(H / region_size) x round(W / region_size), at least 1."""
+    return max(1, round(size[0] / region_size)), max(1, round(size[1] / region_size))
+
+
+def _slot_sizes(rows: int, cols: int) -> np.ndarray:
+    """Regions per slot of the 2 x 2 look tiling (slot (row % 2) * 2 + col % 2)."""
+    even_rows, odd_rows = (rows + 1) // 2, rows // 2
+    even_cols, odd_cols = (cols + 1) // 2, cols // 2
+    return np.array([even_rows * even_cols, even_rows * odd_cols, odd_rows * even_cols, odd_rows * odd_cols])
+
+
+def check_twin_layout(size: tuple[int, int], region_size: int) -> None:
+    """Clear error when the grid cannot hold both twins of each pair: that needs two slots of the look
+    tiling with two regions or more (e.g. 2 x 3 regions or more, or 3 x 3)."""
+    rows, cols = grid_shape(size, region_size)
+    if int((_slot_sizes(rows, cols) >= 2).sum()) < len(LOOK_ALIKE_PAIRS):
+        raise ValueError(
+            f"data.both_twins=true needs at least two regions of each look-alike look, but data.size={list(size)} "
+            f"with data.region_size={region_size} gives a {rows} x {cols} grid; a grid of 2 x 3 regions or more has them "
+            "(e.g. data.size=[192,384] with data.region_size=96: 2 x 4)"
         )
 
 
@@ -122,29 +155,36 @@ def draw_context_scene(
     region_size: int = DEFAULT_GEOMETRY["region_size"],
     marker_spacing: int = DEFAULT_GEOMETRY["marker_spacing"],
     marker_size: int = DEFAULT_GEOMETRY["marker_size"],
+    both_twins: bool = False,
 ) -> ContextScene:
     """Draw scene `index` with its marker map (see the module docstring)."""
     if index < 0 or seed < 0:
         raise ValueError(f"index and data.data_seed must be >= 0, got index={index}, seed={seed}")
     h, w = synthetic.check_size(size)
     check_geometry(region_size, marker_spacing, marker_size)
+    if both_twins:
+        check_twin_layout((h, w), region_size)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), synthetic.split_id(split), int(index)]))
     canvas = synthetic.Canvas(h, w, rng)
     y, x = synthetic.axes(h, w)
 
-    rows_count, cols_count = max(1, round(h / region_size)), max(1, round(w / region_size))
+    rows_count, cols_count = grid_shape((h, w), region_size)
     rows = _bands(rows_count, h, x[0] / w, rng)  # horizontal cuts, wavy along x
     cols = _bands(cols_count, w, y[:, 0] / h, rng).T  # vertical cuts, wavy along y
     region = rows * cols_count + cols
     # A 2x2 tiling of the four looks keeps regions that touch (also diagonally) apart in look.
     looks = rng.permutation(len(_LOOKS))
+    twin_of = None
+    if both_twins:
+        looks, twin_of = _deal_twins(looks, rows_count, cols_count, rng)
     markers = np.full((h, w), NO_MARKER, dtype=np.uint8)
     offsets = np.arange(marker_size)
     for row in range(rows_count):
         for col in range(cols_count):
             mask = region == row * cols_count + col
             look, wearers = _LOOKS[looks[(row % 2) * 2 + col % 2]]
-            cls = wearers[int(rng.integers(len(wearers)))]
+            twin = int(rng.integers(len(wearers))) if twin_of is None else twin_of[row, col]
+            cls = wearers[twin]
             canvas.label[mask] = cls
             canvas.paint_region(mask, look)
             if cls not in MARKER_COLOURS:
@@ -167,8 +207,30 @@ def draw_context_scene(
     return ContextScene(image, canvas.label, markers)
 
 
+def _deal_twins(
+    looks: np.ndarray, rows: int, cols: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The looks of the tiling's slots reordered so that the two look-alike looks sit in slots of two
+    regions or more, and which twin (0 or 1) each region of the grid is, [rows, cols] (0 for controls).
+
+    The slots keep the drawn order of their looks, the roomy ones first. Each look-alike slot's regions
+    are dealt the two twins in turn from a random first twin, then shuffled over the regions."""
+    sizes = _slot_sizes(rows, cols)
+    by_look = np.argsort(looks)  # the slot of each drawn look
+    ordered = [*(s for s in by_look if sizes[s] >= 2), *(s for s in by_look if sizes[s] < 2)]
+    looks = np.empty_like(looks)
+    looks[ordered] = np.arange(len(ordered))  # _LOOKS lists the look-alike looks first
+    slot = (np.arange(rows)[:, None] % 2) * 2 + np.arange(cols)[None, :] % 2
+    twin = np.zeros((rows, cols), dtype=np.int64)
+    for look in range(len(LOOK_ALIKE_PAIRS)):
+        where = slot == ordered[look]
+        dealt = (int(rng.integers(2)) + np.arange(int(where.sum()))) % 2
+        twin[where] = rng.permutation(dealt)
+    return looks, twin
+
+
 def render_context_scene(
-    index: int, seed: int = 0, split: str = "train", size: tuple[int, int] = (192, 192), **geometry: int
+    index: int, seed: int = 0, split: str = "train", size: tuple[int, int] = (192, 192), **geometry: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 RGB image [H,W,3] and uint8 label map [H,W] with values 0..5 of scene `index`."""
     scene = draw_context_scene(index, seed, split, size, **geometry)
@@ -247,13 +309,17 @@ class ContextScenes(SyntheticScenes):
         region_size: int = DEFAULT_GEOMETRY["region_size"],
         marker_spacing: int = DEFAULT_GEOMETRY["marker_spacing"],
         marker_size: int = DEFAULT_GEOMETRY["marker_size"],
+        both_twins: bool = False,
     ) -> None:
         super().__init__(split, num_samples, size, seed, transform)
         check_geometry(region_size, marker_spacing, marker_size)
+        if both_twins:
+            check_twin_layout(self.size, region_size)
         self.geometry = {
             "region_size": region_size,
             "marker_spacing": marker_spacing,
             "marker_size": marker_size,
+            "both_twins": both_twins,
         }
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
