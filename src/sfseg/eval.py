@@ -75,16 +75,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     predictor, settings = load_predictor(cfg)
     checkpoint_tau = predictor.tau
-    if cfg.eval.tau is not None:
-        predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
-    taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
+    taus = set_taus(cfg, predictor)
     if HydraConfig.get().runtime.choices.get("data") == CHECKPOINT_DATA:
         cfg.data = predictor.training_data(cfg.data)
-    if (taus or cfg.eval.tau is not None) and not predictor.fuse_rule.reads_tau:
-        print(
-            f"note: the {predictor.fuse_rule.label} fuse does not read tau; eval.tau and eval.tau_sweep leave "
-            "it as is"
-        )
     datamodule = predictor.datamodule(cfg)
     datamodule.setup("validate")
     evaluation = evaluate(
@@ -144,6 +137,21 @@ def load_predictor(cfg: DictConfig) -> tuple[Predictor, InferenceSettings]:
         cfg.ckpt_path, device=device, autocast=cfg.eval.autocast, sparse_inference=settings.sparse
     )
     return predictor, replace(settings, sparse=predictor.sparse_inference)
+
+
+def set_taus(cfg: DictConfig, predictor: Predictor) -> list[float]:
+    """Set eval.tau on the predictor and return the taus of eval.tau_sweep (see `sweep_taus`); a fuse
+    rule that does not read tau says so."""
+    checkpoint_tau = predictor.tau
+    if cfg.eval.tau is not None:
+        predictor.tau = check_tau(cfg.eval.tau, "eval.tau")
+    taus = sweep_taus(cfg.eval.tau_sweep, checkpoint_tau)
+    if (taus or cfg.eval.tau is not None) and not predictor.fuse_rule.reads_tau:
+        print(
+            f"note: the {predictor.fuse_rule.label} fuse does not read tau; eval.tau and eval.tau_sweep leave "
+            "it as is"
+        )
+    return taus
 
 
 def headroom_line(headroom: dict[str, Any], levels: int) -> str:
