@@ -40,7 +40,7 @@ from sfseg.pyramid import (
     soft_level_log_weights,
     upsample_levels,
 )
-from sfseg.sweeps import write_fuse_report
+from sfseg.sweeps import fuse_goals, write_fuse_report
 from tests.test_pyramid import BIG, brute_force_cell, label_batches
 
 MODEL = {
@@ -441,6 +441,8 @@ def test_fuse_report_compares_each_rule_with_level1_and_hard_over_seeds(tmp_path
     (pair_row,) = [line for line in pair_table.splitlines() if line.startswith("| 2 | learned")]
     cells = [cell.strip() for cell in pair_row.strip("|").split("|")]
     assert cells[6] == "100.00 ± 0.00" and cells[7] == "37.50 ± 0.00"  # learned; level 1 on a, b: 0.75, 0
+    # Best single level: each job's best (level 2, the finest), scored on a, b: 128/192 and 64/128.
+    assert cells[8] == "58.33 ± 0.00"
     assert "(per job: L=2 learned: 2,2)" in markdown  # each job's best single level
     goals = markdown.split("### Each rule against level 1 alone and against hard")[1]
     assert (
@@ -456,3 +458,31 @@ def test_fuse_report_compares_each_rule_with_level1_and_hard_over_seeds(tmp_path
         and row["seeds"] == "2"
         and float(row["mIoU_oracle_mean"]) == pytest.approx(oracle)
     )
+
+
+def test_fuse_goals_call_a_difference_within_the_seed_spread_a_match():
+    """Two L=4 jobs, scores in %: soft - level 1 = 70.85 - 71.00 = -0.15, inside the larger spread
+    (level 1's: |70 - 72| / sqrt(2) = 1.41): a match; learned - level 1 = +10.00 beats it, hard - level 1 =
+    -8.00 loses to it. An L=1 job is no pyramid and is left out."""
+    jobs = [(0.70, 0.60, 0.705, 0.80), (0.72, 0.64, 0.712, 0.82)]
+    runs = [
+        {
+            "config": {"model": {"levels": 4}},
+            "metrics": {
+                "mIoU_level1": level1,
+                "mIoU_fuse_hard": hard,
+                "mIoU_fuse_soft": soft,
+                "mIoU_fuse_learned": learned,
+            },
+        }
+        for level1, hard, soft, learned in jobs
+    ]
+    runs.append({"config": {"model": {"levels": 1}}, "metrics": {"mIoU_level1": 0.1}})
+    lines = fuse_goals(runs)
+    (soft,) = [line for line in lines if line.startswith("- soft - level 1 alone:")]
+    assert soft.startswith(
+        "- soft - level 1 alone: -0.15 mIoU (per job: +0.50, -0.80; larger seed spread 1.41, 2 job(s))"
+    )
+    assert soft.endswith("**soft matches level 1 alone**")
+    assert any(line.endswith("**learned beats level 1 alone**") for line in lines)
+    assert any(line.endswith("**hard loses to level 1 alone**") for line in lines)
