@@ -19,6 +19,7 @@ from sfseg.runs import write_validation
 from sfseg.sweeps import (
     add_focus_metrics,
     collect_runs,
+    jobs_markdown,
     mean_and_spread,
     mechanism_goals,
     per_class_markdown,
@@ -274,6 +275,17 @@ def test_focus_group_skips_a_class_absent_from_the_job(tmp_path: Path):
     runs = collect_runs(tmp_path)
     add_focus_metrics(runs, GROUPS)
     assert runs[0]["metrics"]["mIoU[look-alike]"] == pytest.approx(2 / 3)
+
+
+def test_jobs_come_in_hydra_job_number_order_not_text_order(tmp_path: Path):
+    # A 21-job preset: sorted as text, job 10 would come before job 2 in every per-job table.
+    perfect = matrix((2, 0, 0), (0, 2, 0), (0, 0, 2))
+    for number in (10, 2, 1, 0, 11):
+        single_output_job(tmp_path, f"{number}_cell=single", perfect, 1.0, (1.0, 1.0, 1.0))
+    runs = collect_runs(tmp_path)
+    assert [Path(run["job"]).name.split("_")[0] for run in runs] == ["0", "1", "2", "10", "11"]
+    rows = jobs_markdown(runs[::-1])[2:]  # the per-job table orders whatever it is given
+    assert [row.split("_")[0] for row in rows] == ["| 0", "| 1", "| 2", "| 10", "| 11"]
 
 
 def test_mean_and_spread_in_percent_over_the_jobs_that_have_the_metric():

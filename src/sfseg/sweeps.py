@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,10 +61,16 @@ MISSED_COLUMNS = (
 )
 
 
+def job_order(path: Path) -> list[Any]:
+    """Hydra numbers a sweep's jobs 0, 1, ..., 10: order them by number, not as text (10 before 2)."""
+    return [int(chunk) if chunk.isdigit() else chunk for chunk in re.split(r"(\d+)", path.as_posix())]
+
+
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One dict per finished job: its overrides (key -> value), its metrics and its config."""
+    """One dict per finished job, in job-number order: its overrides (key -> value), its metrics and
+    its config."""
     runs = []
-    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json")):
+    for metrics_file in sorted(Path(sweep_dir).glob("**/metrics.json"), key=job_order):
         job = metrics_file.parent
         overrides_file = job / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
@@ -350,7 +357,7 @@ def jobs_markdown(runs: Sequence[dict[str, Any]], focus_name: str | None = None)
     header += [f"fused, {focus_name}"] if focus_name else []
     header += ["level 1 alone", "finest alone", "steps", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for run in sorted(runs, key=lambda run: run["job"]):
+    for run in sorted(runs, key=lambda run: job_order(Path(run["job"]))):
         metrics = run["metrics"]
         values = [metrics["mIoU"]]
         values += [metrics[focus_metric("mIoU", focus_name)]] if focus_name else []
