@@ -102,9 +102,9 @@ DEFAULT_REGIME = (
     "trainer.check_val_every_n_epoch=1000",
 )
 THINGS = ("things", SYNTHETIC_THINGS)
-# 9 jobs (3 policies x 3 seeds) estimated within 45 minutes of this 2-core CPU: docs/mechanism/exploration.md.
+# 9 jobs (3 policies x 3 seeds): 18.0 minutes on this 2-core CPU, docs/mechanism/table7_relabel.md.
 DEFAULT_TABLE7_STEPS = 400
-# 21 jobs (7 cells x 3 seeds) estimated within 45 minutes of this 2-core CPU: docs/mechanism/exploration.md.
+# 21 jobs (7 cells x 3 seeds): 24.7 minutes on this 2-core CPU, docs/mechanism/table6_twins.md.
 TWINS_STEPS = 240
 PAPER_TABLE6_COLUMNS = ("-", "ANL", "ANL-multi", "ours (c2f)")  # experiment=table6 adds OCR and CCNet
 TABLE7_POLICY_COLUMNS = ("naive", "simple fix (oracle)", "our final (true positive)")  # no single output
