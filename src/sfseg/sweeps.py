@@ -61,9 +61,9 @@ MISSED_COLUMNS = (
 )
 
 
-def job_order(path: Path) -> list[Any]:
+def job_order(job: str | Path) -> list[Any]:
     """Hydra numbers a sweep's jobs 0, 1, ..., 10: order them by number, not as text (10 before 2)."""
-    return [int(chunk) if chunk.isdigit() else chunk for chunk in re.split(r"(\d+)", path.as_posix())]
+    return [int(chunk) if chunk.isdigit() else chunk for chunk in re.split(r"(\d+)", str(job))]
 
 
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -357,7 +357,7 @@ def jobs_markdown(runs: Sequence[dict[str, Any]], focus_name: str | None = None)
     header += [f"fused, {focus_name}"] if focus_name else []
     header += ["level 1 alone", "finest alone", "steps", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for run in sorted(runs, key=lambda run: job_order(Path(run["job"]))):
+    for run in sorted(runs, key=lambda run: job_order(run["job"])):
         metrics = run["metrics"]
         values = [metrics["mIoU"]]
         values += [metrics[focus_metric("mIoU", focus_name)]] if focus_name else []
@@ -442,9 +442,10 @@ def write_mechanism_report(
     lines += ["", "### Per-class IoU of the fused output (%, mean over seeds)", ""]
     lines += per_class_markdown(runs, levels_of)
     top = max(levels_of.values())
-    pyramids = sorted((run for run in runs if levels_of[run["job"]] == top), key=lambda run: run["job"])
     if top > 1:
-        shown = pyramids[0]
+        shown = min(
+            (run for run in runs if levels_of[run["job"]] == top), key=lambda run: job_order(run["job"])
+        )
         lines += [
             "",
             f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
