@@ -647,7 +647,11 @@ def test_table7_preset_in_the_regime_reports_the_paper_layout_twice(tmp_path: Pa
         == f"# `python -m sfseg.ablation --preset mechanism_table7 --steps 2 --out {out} {' '.join(TINY_MECHANISM)}`"
     )
     assert head[2].startswith("Commit: ") and "(4 jobs)" in head[2] and "load average" in head[2]
-    assert f"CPUs (torch threads per job: {ENV['OMP_NUM_THREADS']})" in head[2]
+    instruction_set = torch.backends.cpu.get_cpu_capability()
+    assert (
+        f"CPUs (torch threads per job: {ENV['OMP_NUM_THREADS']}; instruction set: {instruction_set})"
+        in head[2]
+    )
     assert "### Table 7: relabel policy, no context module (mIoU %)\n" in markdown
     assert "### Table 7: relabel policy, no context module (mIoU %), look-alike classes only" in markdown
     with (out / "report.csv").open() as handle:

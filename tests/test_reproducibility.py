@@ -98,9 +98,10 @@ def test_run_folder_keeps_the_versions(seeded_runs: dict[str, Path]):
 
     versions = json.loads((seeded_runs["first"] / "versions.json").read_text())
     expected = {"python", "torch", "lightning", "timm", "hydra", "albumentations", "torchmetrics"}
-    expected |= {"wandb", "numpy", "sfseg", "git_commit", "git_dirty", "torch_threads"}
+    expected |= {"wandb", "numpy", "sfseg", "git_commit", "git_dirty", "torch_threads", "cpu_capability"}
     assert expected <= set(versions)
     assert versions["torch_threads"] == int(ENV["OMP_NUM_THREADS"])
+    assert versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert versions["torch"] == torch.__version__ and versions["lightning"] == lightning.__version__
     assert versions["python"] == ".".join(map(str, sys.version_info[:3]))
     head = subprocess.run(

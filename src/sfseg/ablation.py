@@ -324,26 +324,32 @@ def main(argv: list[str] | None = None) -> None:
     print(f"written: {out / 'report.md'} and {out / 'report.csv'}")
 
 
+# versions.json keys that decide a CPU run's numbers besides the seed -> how the report names them
+CPU_RECORD = {"torch_threads": "torch threads per job", "cpu_capability": "instruction set"}
+
+
 def provenance(command: Sequence[str], sweep_dir: Path, started: datetime, load_at_start: float) -> str:
     """The head of a preset's report.md: the command, the commits its jobs ran at (from each job's
-    versions.json), when it ran, the torch threads of its jobs (on a CPU the numbers depend on them) and
-    how busy the machine was (1-minute load average at start and end)."""
+    versions.json), when it ran, its jobs' torch threads and CPU instruction set (on a CPU the numbers
+    depend on both) and how busy the machine was (1-minute load average at start and end)."""
     commits: dict[str, int] = {}
-    threads: set[int] = set()
+    cpu_values: dict[str, set[str]] = {key: set() for key in CPU_RECORD}
     for versions_file in sorted(sweep_dir.glob("*/versions.json")):
         versions = json.loads(versions_file.read_text())
         commit = versions.get("git_commit") or "unknown (not a git checkout)"
         commit += " with local changes" if versions.get("git_dirty") else ""
         commits[commit] = commits.get(commit, 0) + 1
-        if "torch_threads" in versions:  # runs from before it was recorded lack it
-            threads.add(versions["torch_threads"])
+        for key, values in cpu_values.items():
+            if key in versions:  # runs from before it was recorded lack it
+                values.add(str(versions[key]))
     ran_at = "; ".join(f"{commit} ({count} jobs)" for commit, count in commits.items()) or "no job finished"
-    per_job = f" (torch threads per job: {' or '.join(map(str, sorted(threads)))})" if threads else ""
+    described = [f"{CPU_RECORD[key]}: {' or '.join(sorted(v))}" for key, v in cpu_values.items() if v]
+    cpu_note = f" ({'; '.join(described)})" if described else ""
     minutes = (datetime.now() - started).total_seconds() / 60
     return (
         f"# `{shlex.join(command)}`\n\n"
         f"Commit: {ran_at}. Started {started:%Y-%m-%d %H:%M}, {minutes:.1f} minutes in all, on "
-        f"{os.cpu_count()} CPUs{per_job}; 1-minute load average {load_at_start:.2f} at the start and "
+        f"{os.cpu_count()} CPUs{cpu_note}; 1-minute load average {load_at_start:.2f} at the start and "
         f"{os.getloadavg()[0]:.2f} at the end.\n"
     )
 

@@ -1,7 +1,7 @@
 """Run folders: what a run writes next to its checkpoints, and how a run or a checkpoint is found again.
 
 A training run folder (`outputs/train/<time>/`, a sweep job's `multirun/<task>/<time>/<job>/`) holds
-  config.yaml       the resolved config;  versions.json: python, packages, CUDA, CPU threads, git commit
+  config.yaml       the resolved config;  versions.json: packages, CUDA, CPU threads and ISA, commit
   metrics.json      the final validation; val_counts.pt: its summed counts (PyramidMetrics' states)
   checkpoints/      the best checkpoint by val/mIoU and last.ckpt (`ckpt_path=last` resumes from it)
   wandb_run_id      the W&B run id, so that a resumed run continues its W&B run
@@ -71,8 +71,8 @@ def save_run_record(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def package_versions() -> dict[str, Any]:
-    """Python, the packages that shape a run (None if absent), CUDA, torch's CPU threads and the git
-    commit of the source."""
+    """Python, the packages that shape a run (None if absent), CUDA, torch's CPU threads and instruction
+    set, and the git commit of the source."""
     versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
     for key, distribution in PACKAGES.items():
         try:
@@ -80,8 +80,10 @@ def package_versions() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[key] = None
     versions["cuda"] = torch.version.cuda
-    # CPU sums are split over the threads, so another thread count gives other numbers for the same seed.
+    # CPU results depend on both: sums are split over the threads, and the kernels differ per
+    # instruction set (AVX2, AVX512, ...), so either changes the numbers a seed gives.
     versions["torch_threads"] = torch.get_num_threads()
+    versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return {**versions, **git_state(REPO_ROOT)}
 
 
