@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from sfseg.analysis import pixel_levels
-from sfseg.data.classes import palette_for
+from sfseg.data.classes import dataset_palette, palette_for
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.real import training_layout
 from sfseg.data.transforms import val_transform
@@ -89,7 +89,8 @@ class Predictor:
 
     def __post_init__(self) -> None:
         autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
-        self.palette = self.palette or palette_for(self.class_names)
+        # A known dataset's own colours first: a checkpoint recorded the palette of its day.
+        self.palette = dataset_palette(self.class_names) or self.palette or palette_for(self.class_names)
         self.net = self.net.to(self.device).eval()
         if self.sparse_inference and not sparse_applies(self.net):
             print(
