@@ -17,9 +17,10 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import read_write
 
+from sfseg.builder import build
 from sfseg.data.datamodule import SyntheticDataModule
 from sfseg.module import SpecializeAndFuseModule
-from sfseg.train import build, check_global_batch, check_processes
+from sfseg.train import check_global_batch, check_processes
 from tests.conftest import TINY, compose_config
 from tests.test_eval import run_eval
 from tests.test_reproducibility import one_thread, run_train

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from sfseg.builder import build
 from sfseg.models import PyramidOutput
-from sfseg.train import build, train
+from sfseg.train import train
 from tests.conftest import TINY, compose_config
 from tests.test_reproducibility import one_thread, run_train, start_train
 

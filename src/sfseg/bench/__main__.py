@@ -15,6 +15,8 @@ Writes <out>/results.json and <out>/results.md with, measured side by side in on
       training step time (with OCR's auxiliary loss where the model has it) and peak memory;
       parameters. --variants picks rows (fcn is always measured);
   (d) with --profile, torch.profiler's top operators of FCN and of c2f sparse.
+With --training, instead of (a)-(d), where the time of `sfseg.train` runs goes (each --training-config a
+list of its overrides; none: the embedded default, `make train`), piece by piece (sfseg.bench.training).
 With --backbones, instead of (a)-(d), the Backbones table: the S&F model (L=4, c2f) on each named
 backbone (any model.backbone.name) and on the reference (hrnet_w48): parameters, GMACs of a dense
 inference, and the training step time relative to the reference's.
@@ -63,6 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma list of model.backbone.name values (sfseg's or any timm model's): measure the Backbones "
         "table (S&F on each and on the reference, hrnet_w48; --quick: hrnet_w18_small) instead of Table 5",
     )
+    parser.add_argument(
+        "--training",
+        action="store_true",
+        help="where the time of a sfseg.train run goes (the embedded default, or each --training-config)",
+    )
+    parser.add_argument(
+        "--training-config",
+        action="append",
+        default=[],
+        help='sfseg.train overrides of one measured run, space-separated (e.g. "data.batch_size=16"); repeat it',
+    )
     parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-shares", help=argparse.SUPPRESS)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(cpu_peak_memory(Case(args.memory_child, shares), cfg, train=args.child_train))
         return None
     device = torch.device(args.device)
-    results = run(cfg, device, args.quick, args.ckpt, args.profile, args.variants, args.backbones)
+    training = [config.split() for config in args.training_config] or [[]] if args.training else None
+    results = run(cfg, device, args.quick, args.ckpt, args.profile, args.variants, args.backbones, training)
     write_results(args.out, results)
     print(to_markdown(results))
     return results

@@ -17,6 +17,7 @@ from sfseg.bench.harness import BenchConfig, device_name
 from sfseg.bench.profiling import PROFILE_SHARE, profile_markdown, profile_table
 from sfseg.bench.pyramid_math import bench_fuse, bench_targets, pyramid_math_markdown
 from sfseg.bench.table5 import bench_models, checkpoint_level_shares, table5_markdown
+from sfseg.bench.training import bench_training, training_markdown
 from sfseg.bench.variants import MODEL_VARIANTS
 
 
@@ -28,9 +29,10 @@ def run(
     profile: bool = False,
     variants: tuple[str, ...] = MODEL_VARIANTS,
     backbones: tuple[str, ...] | None = None,
+    training: list[list[str]] | None = None,
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
-    table alone."""
+    table alone; with `training` (lists of `sfseg.train` overrides), where those runs' time goes, alone."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
         "meta": {
@@ -47,6 +49,8 @@ def run(
     }
     if backbones:
         results["backbones"] = bench_backbones(cfg, device, backbones)
+    elif training:
+        results["training"] = [bench_training(overrides) for overrides in training]
     else:
         checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
         results["targets"] = bench_targets(cfg, device)
@@ -73,6 +77,8 @@ def to_markdown(results: dict) -> str:
     ]
     if "backbones" in results:
         return "\n".join(lines + backbones_markdown(results["backbones"], cfg))
+    if "training" in results:
+        return "\n".join(lines + training_markdown(results["training"]))
     lines += pyramid_math_markdown(results["targets"], results["fuse"], cfg["repeats"])
     lines += table5_markdown(results["models"], cfg, meta["checkpoint"])
     lines += profile_markdown(results.get("profile", {}))

@@ -461,6 +461,11 @@ class SyntheticScenes(Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def keeps_scenes(self) -> bool:
+        """Whether each scene is rendered once and kept (the split fits in MAX_CACHED_BYTES)."""
+        return self._rendered is not None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} {self.split} samples")
