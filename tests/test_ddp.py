@@ -44,6 +44,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"hydra.run.dir={run_dir}",
         cwd=root,
         env={"MASTER_PORT": str(free_port())},  # its own rendezvous port: other DDP runs may be going on
+        fresh=True,  # Lightning starts rank 1 as `python -m sfseg.train ...`: rank 0 is the same
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

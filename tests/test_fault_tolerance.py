@@ -64,14 +64,15 @@ def test_sigterm_then_sigkill_then_resume_runs_every_step_once(tmp_path: Path):
     folder = f"hydra.run.dir={run_dir}"
 
     # SIGTERM: Lightning stops at the next batch boundary and last.ckpt gets that very step.
-    first = start_train(*RUN, folder, "logger.csv.name=attempt1", cwd=tmp_path)
+    # Fresh interpreters: the test signals them, as a scheduler would.
+    first = start_train(*RUN, folder, "logger.csv.name=attempt1", cwd=tmp_path, fresh=True)
     kill_after(first, last, min_step=8, kill_signal=signal.SIGTERM)
     assert first.returncode == 128 + signal.SIGTERM
     stopped_at = checkpoint_step(last)
     assert max(logged(run_dir, "attempt1")) == stopped_at - 1  # steps are 0-based: none lost
 
     # SIGKILL: no warning, no flush; last.ckpt is the last multiple of the interval.
-    second = start_train(*RUN, folder, "ckpt_path=last", "logger.csv.name=attempt2", cwd=tmp_path)
+    second = start_train(*RUN, folder, "ckpt_path=last", "logger.csv.name=attempt2", cwd=tmp_path, fresh=True)
     kill_after(second, last, min_step=stopped_at + 2 * INTERVAL, kill_signal=signal.SIGKILL)
     assert second.returncode == -signal.SIGKILL
     killed_at = checkpoint_step(last)
