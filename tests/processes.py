@@ -7,10 +7,9 @@ stderr (to files), and exit status, and whatever it does to global state dies wi
 imports `sfseg.train` (and so the whole stack) once.
 
 What a fork cannot show is a fault of a fresh interpreter: an import that fails, a module-level side
-effect, a variable read at import time (HF_HUB_OFFLINE, HF_HUB_CACHE: pass `fresh=True`). Every
-entry point keeps at least one test that starts it with `sys.executable -m` (`fresh=True`), and
-processes that must be signalled or that start their own workers over a network (DDP) are started
-fresh as well.
+effect, a variable read at import time (HF_HUB_OFFLINE, HF_HUB_CACHE: such a change in `env` starts a
+fresh interpreter). Every entry point keeps at least one test that starts it with `sys.executable -m`
+(`fresh=True`), and DDP, whose launcher starts the other ranks with that command line, starts fresh.
 """
 
 from __future__ import annotations
@@ -77,13 +76,22 @@ class Forked:
             sys.stderr.flush()
             os._exit(code)
 
-    def communicate(self, timeout: float = 600) -> tuple[str, str]:
-        deadline = time.monotonic() + timeout
-        while self.returncode is None:
+    def poll(self) -> int | None:
+        """The exit status once the process has ended, else None (as subprocess.Popen.poll)."""
+        if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
-            elif time.monotonic() > deadline:
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def communicate(self, timeout: float = 600) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
                 os.killpg(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
                 raise subprocess.TimeoutExpired(self.args, timeout)

@@ -18,6 +18,7 @@ from sfseg.builder import build
 from sfseg.models import PyramidOutput
 from sfseg.train import train
 from tests.conftest import TINY, compose_config
+from tests.processes import Forked
 from tests.test_reproducibility import one_thread, run_train, start_train
 
 MAX_STEPS = 60
@@ -37,7 +38,7 @@ def checkpoint_step(path: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
 
-def kill_after(process: subprocess.Popen, last: Path, min_step: int, kill_signal: int) -> None:
+def kill_after(process: Forked | subprocess.Popen, last: Path, min_step: int, kill_signal: int) -> None:
     """Send `kill_signal` once last.ckpt holds step >= min_step; wait for the process to end."""
     deadline = time.monotonic() + 300
     while not (last.is_file() and checkpoint_step(last) >= min_step):
@@ -64,15 +65,14 @@ def test_sigterm_then_sigkill_then_resume_runs_every_step_once(tmp_path: Path):
     folder = f"hydra.run.dir={run_dir}"
 
     # SIGTERM: Lightning stops at the next batch boundary and last.ckpt gets that very step.
-    # Fresh interpreters: the test signals them, as a scheduler would.
-    first = start_train(*RUN, folder, "logger.csv.name=attempt1", cwd=tmp_path, fresh=True)
+    first = start_train(*RUN, folder, "logger.csv.name=attempt1", cwd=tmp_path)
     kill_after(first, last, min_step=8, kill_signal=signal.SIGTERM)
     assert first.returncode == 128 + signal.SIGTERM
     stopped_at = checkpoint_step(last)
     assert max(logged(run_dir, "attempt1")) == stopped_at - 1  # steps are 0-based: none lost
 
     # SIGKILL: no warning, no flush; last.ckpt is the last multiple of the interval.
-    second = start_train(*RUN, folder, "ckpt_path=last", "logger.csv.name=attempt2", cwd=tmp_path, fresh=True)
+    second = start_train(*RUN, folder, "ckpt_path=last", "logger.csv.name=attempt2", cwd=tmp_path)
     kill_after(second, last, min_step=stopped_at + 2 * INTERVAL, kill_signal=signal.SIGKILL)
     assert second.returncode == -signal.SIGKILL
     killed_at = checkpoint_step(last)
