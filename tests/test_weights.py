@@ -13,9 +13,10 @@ import torch
 import torchvision
 
 from sfseg.models import create_backbone
-from sfseg.models.backbones import STAGES, remap_weights
+from sfseg.models.encoders import STAGES
+from sfseg.models.weights import remap_weights
 
-LOGGER = "sfseg.models.backbones"
+LOGGER = "sfseg.models.weights"
 
 
 @pytest.fixture(autouse=True)
