@@ -11,18 +11,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sfseg.bench import (
-    MODEL_VARIANTS,
-    QUICK,
-    Case,
-    build_variant,
-    checkpoint_level_shares,
-    main,
-    model_cases,
-    parse_backbones,
-    parse_variants,
-    table5_rows,
-)
+from sfseg.bench.__main__ import main
+from sfseg.bench.backbones import parse_backbones
+from sfseg.bench.harness import QUICK
+from sfseg.bench.table5 import checkpoint_level_shares, model_cases, table5_rows
+from sfseg.bench.variants import MODEL_VARIANTS, Case, build_variant, parse_variants
 from sfseg.models import PyramidSegmenter
 from tests.test_eval import train_tiny_checkpoint
 

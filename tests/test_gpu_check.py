@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfseg import check_runner
-from sfseg.check_runner import STAGE_LIMITS_S, environment, run_checks
-from sfseg.check_stages import PAPER_TABLE5
-from sfseg.gpu_check import main
+import sfseg
+from sfseg.gpu_check import runner
+from sfseg.gpu_check.__main__ import main
+from sfseg.gpu_check.runner import environment, run_checks
+from sfseg.gpu_check.sizes import STAGE_LIMITS_S
+from sfseg.gpu_check.stages import PAPER_TABLE5
 from sfseg.models import CONTEXT_MODULES
 from tests.test_reproducibility import ENV
 
@@ -141,7 +143,7 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(check_runner, "MIN_STAGE_S", 1)
+    monkeypatch.setattr(runner, "MIN_STAGE_S", 1)
     pid_file = tmp_path / "grandchild.pid"
     fake = [sys.executable, "-c", FAKE_STAGE, str(pid_file)]
     # 9 s in all: environment and smoke end at once, table5 hangs until the budget runs out.
@@ -161,19 +163,19 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
     markdown = (tmp_path / "report.md").read_text()
     assert "**1 of 5 stages passed.**" in markdown
     (smoke,) = [outcome for outcome in outcomes if outcome["name"] == "smoke"]
-    assert smoke["problems"] == [f"cannot import hydra_is_not_installed_here: {check_runner.INSTALL_HINT}"]
+    assert smoke["problems"] == [f"cannot import hydra_is_not_installed_here: {runner.INSTALL_HINT}"]
     assert "ModuleNotFoundError" in smoke["error"] and "ModuleNotFoundError" in markdown
     assert "| table5 | timed out |" in markdown and "left of --minutes 0.15" in markdown
 
 
 def test_the_environment_names_what_is_missing(monkeypatch) -> None:
-    monkeypatch.setattr(check_runner, "STACK", {"torch": "torch", "no-such-package": "sfseg_no_such_module"})
+    monkeypatch.setattr(runner, "STACK", {"torch": "torch", "no-such-package": "sfseg_no_such_module"})
     result, problems = environment("cpu")
     assert result["packages"] == {"torch": torch.__version__, "no-such-package": None}
     assert len(problems) == 1 and "no-such-package" in problems[0] and "wheelhouse" in problems[0]
 
 
 def test_stages_see_this_sfseg_first() -> None:
-    source = str(Path(check_runner.__file__).resolve().parents[1])
-    path = check_runner.child_environment()["PYTHONPATH"].split(os.pathsep)
+    source = str(Path(sfseg.__file__).resolve().parents[1])
+    path = runner.child_environment()["PYTHONPATH"].split(os.pathsep)
     assert path[0] == source

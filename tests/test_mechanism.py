@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from scipy import ndimage
 
-from sfseg import check_runner
 from sfseg.ablation import MECHANISM_REGIME, PRESETS, cue_note, sweep_command
 from sfseg.data.classes import SYNTHETIC_CLASSES
 from sfseg.data.synthetic_context import (
@@ -38,6 +37,7 @@ from sfseg.data.synthetic_context import (
     draw_context_scene,
     render_context_scene,
 )
+from sfseg.gpu_check import sizes as check_sizes
 from sfseg.models.backbones import create_backbone
 from sfseg.models.encoders import LocalResNet
 from sfseg.module import training_loss
@@ -495,7 +495,7 @@ def exclude_keys(command: list[str]) -> list[str]:
 # --- end to end --------------------------------------------------------------------------------------------
 
 # The toy regime that `python -m sfseg.gpu_check --tiny` runs the mechanism stage in, with no loader worker.
-TINY_MECHANISM = [*check_runner.TINY_MECHANISM, "data.num_workers=0", "trainer.enable_progress_bar=false"]
+TINY_MECHANISM = [*check_sizes.TINY_MECHANISM, "data.num_workers=0", "trainer.enable_progress_bar=false"]
 
 
 def run_ablation(cwd: Path, *args: str) -> None:

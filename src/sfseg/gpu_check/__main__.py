@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from sfseg.check_runner import FULL, TINY, all_passed, run_checks, stage_result
+from sfseg.gpu_check.runner import all_passed, run_checks, stage_result
+from sfseg.gpu_check.sizes import FULL, TINY
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

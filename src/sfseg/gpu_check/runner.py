@@ -1,8 +1,9 @@
 """Runs the stages of `python -m sfseg.gpu_check`, each in its own process under a time limit.
 
-The parent process imports only the standard library, torch and sfseg.check_report, so that it runs,
-and says what is missing, on a Python that lacks the rest of sfseg's stack: the environment stage lists
-what is missing, and a stage that needs it fails with the import error while the others still run.
+The parent process imports only the standard library, torch and this package's `sizes` and `report`, so
+that it runs, and says what is missing, on a Python that lacks the rest of sfseg's stack: the environment
+stage lists what is missing, and a stage that needs it fails with the import error while the others
+still run. Only a stage's own process imports `stages`, which needs the whole stack.
 
 A stage's process is started as `python -m sfseg.gpu_check --stage NAME ...`, in a new session, and its
 whole process group (its own children too: the benchmark, the training runs, their loader workers) is
@@ -22,19 +23,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sfseg.check_report import write_report
+import sfseg
+from sfseg.gpu_check.report import write_report
+from sfseg.gpu_check.sizes import FULL, TINY, CheckSizes
 
-# The stages in the order they run, with the seconds each may take at most on a GPU node (the --minutes
-# budget cuts them further). --tiny allows more: a busy CPU is slower at toy sizes than a GPU at full ones.
-STAGE_LIMITS_S = {"environment": 60, "smoke": 180, "table5": 300, "training": 240, "mechanism": 600}
-TINY_STAGE_LIMITS_S = {"environment": 120, "smoke": 300, "table5": 600, "training": 300, "mechanism": 600}
 # A stage with less time than this left in the budget is skipped, not started.
 MIN_STAGE_S = 20
 # A stopped stage's processes get this long after SIGTERM (a training run saves and exits) before SIGKILL.
@@ -57,73 +56,6 @@ STACK = {
 }
 MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 INSTALL_HINT = "install from a wheelhouse: docs/gpu.md, 'Clusters without internet'"
-# The controlled experiment's toy regime (tests/test_mechanism.py runs it end to end too).
-TINY_MECHANISM = (
-    "data.size=64",
-    "data.region_size=32",
-    "data.marker_spacing=16",
-    "data.train_samples=8",
-    "data.val_samples=4",
-    "data.batch_size=4",
-    "data.val_batch_size=4",
-    "model.semantic_channels=16",
-    "model.unity_channels=8",
-    "num_pyramid_images=0",
-)
-
-
-@dataclass(frozen=True)
-class CheckSizes:
-    """What each stage runs: FULL on a GPU node, TINY (--tiny) to test the code path in seconds."""
-
-    smoke_backbone: str = "hrnet_w48"
-    smoke_size: int = 256
-    bench_variants: str = "fcn,ocr,ccnet,sf_c2f"
-    bench_quick: bool = False
-    train_backbone: str = "hrnet_w48"
-    train_size: int = 512
-    train_batch: int = 8
-    train_steps: int = 100
-    train_warmup: int = 10  # steps left out of the throughput (cuDNN's autotuning, the loader's start)
-    train_val_samples: int = 16  # train.py validates once at the end; a few images do
-    semantic_channels: int = 512  # D_s and D_u: the paper's
-    unity_channels: int = 64
-    loader_workers: int | None = None  # None: all CPUs but two, at most 12
-    mechanism_steps: int | None = None  # None: the preset's
-    mechanism_seeds: str = "0,1,2"  # the preset's, when mechanism_full_s are left
-    mechanism_short_seeds: str = "0"
-    mechanism_full_s: int = 300
-    mechanism_overrides: tuple[str, ...] = ()
-    stage_limits_s: Mapping[str, int] = field(default_factory=lambda: STAGE_LIMITS_S)
-
-
-FULL = CheckSizes()
-TINY = CheckSizes(
-    smoke_backbone="hrnet_w18_small",
-    smoke_size=64,
-    bench_variants="fcn,sf_c2f",
-    bench_quick=True,
-    train_backbone="hrnet_w18_small",
-    train_size=64,
-    train_batch=2,
-    train_steps=4,
-    train_warmup=1,
-    train_val_samples=2,
-    semantic_channels=16,
-    unity_channels=8,
-    loader_workers=0,
-    mechanism_steps=2,
-    mechanism_seeds="0",
-    mechanism_overrides=TINY_MECHANISM,
-    stage_limits_s=TINY_STAGE_LIMITS_S,
-)
-
-
-def workers(sizes: CheckSizes) -> int:
-    """DataLoader workers of the training runs."""
-    if sizes.loader_workers is not None:
-        return sizes.loader_workers
-    return max(1, min(12, (os.cpu_count() or 2) - 2))
 
 
 def installed_versions() -> dict[str, str | None]:
@@ -191,7 +123,7 @@ def stage_result(name: str, device: str, sizes: CheckSizes, out: Path, seconds: 
         result, problems = environment(device)
     else:
         # Imported here, in the stage's own process: the parent runs without the stack these need.
-        from sfseg.check_stages import STAGE_FUNCTIONS
+        from sfseg.gpu_check.stages import STAGE_FUNCTIONS
 
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +133,7 @@ def stage_result(name: str, device: str, sizes: CheckSizes, out: Path, seconds: 
 
 def child_environment() -> dict[str, str]:
     """The stages' environment: this sfseg first on the path, nothing that would reach the network."""
-    source = str(Path(__file__).resolve().parents[1])
+    source = str(Path(sfseg.__file__).resolve().parents[1])
     path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
     return {
         **os.environ,

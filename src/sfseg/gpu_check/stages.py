@@ -1,5 +1,5 @@
 """The stages of `python -m sfseg.gpu_check` after the environment. Each runs in its own process
-(sfseg.check_runner) and returns (result, problems): what it measured, and what makes it fail.
+(sfseg.gpu_check.runner) and returns (result, problems): what it measured, and what makes it fail.
 
 The Table 5, training and mechanism stages run the project's own commands (`sfseg.bench`, `sfseg.train`,
 `sfseg.ablation`) as a user would, and read what those write.
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from sfseg.check_runner import CheckSizes, workers
 from sfseg.data.synthetic import SYNTHETIC_CLASSES, SyntheticScenes
 from sfseg.data.transforms import val_transform
+from sfseg.gpu_check.sizes import CheckSizes, workers
 from sfseg.inference import image_logits
 from sfseg.inference.sparse import even_level_shares, forced_unity, fuse_agreement, unity_logits_for_shares
 from sfseg.models import CONTEXT_MODULES, PyramidSegmenter
@@ -276,7 +276,7 @@ def mechanism(
     try:
         run_command(command, timeout=seconds - REPORT_RESERVE_S)
     except subprocess.TimeoutExpired:
-        # The sweep's training process is left to the stage's end, when check_runner stops its group.
+        # The sweep's training process is left to the stage's end, when the runner stops its group.
         return partial_mechanism(
             folder, result | {"seconds": time.monotonic() - start}, 2 * len(seeds.split(","))
         )
