@@ -23,7 +23,15 @@ from sfseg.models.encoders import PlainViT, TimmStages
 from sfseg.models.necks import resampled_stride
 from sfseg.pyramid import build_targets, pyramid_loss
 from tests.conftest import TINY, compose_config
-from tests.test_export import AS_EXPORTED, SWEEP_TAU, as_input, export, images, predicted
+from tests.test_export import (
+    AS_EXPORTED,
+    SWEEP_TAU,
+    as_input,
+    assert_torchscript_gives_the_predictors_output,
+    export,
+    images,
+    predicted,
+)
 from tests.test_sparse import BATCH_SHARES, TAU, assert_same_fuse, random_batch_norm_statistics
 
 # One small model of each family, pretrained=False: hierarchical encoders (CNNs, hybrids, Swin's NHWC
@@ -295,6 +303,20 @@ def test_a_dynamic_onnx_export_of_swin_from_a_too_small_example_is_refused_befor
     assert not path.exists()
     # Wider than 128: the width stays as given.
     assert net.backbone.dynamic_export_size(96, 160) == (128, 160)
+
+
+@pytest.mark.slow
+def test_swins_torchscript_trace_follows_the_input_size(tmp_path: Path) -> None:
+    # Swin's channels-last maps through the segformer decoder, traced from 64x64 (a dynamic ONNX graph from
+    # there is refused above); the trace follows other sizes.
+    net = random_batch_norm_statistics(
+        PyramidSegmenter(
+            SWIN, 3, semantic_channels=8, unity_channels=8, decoder={"name": "segformer", "channels": 16}
+        )
+    )
+    predictor = Predictor(net=net, class_names=["a", "b", "c"], tau=SWEEP_TAU)
+    exported = export_model(predictor, tmp_path / "swin.pt", format="torchscript", size=[64, 64])
+    assert_torchscript_gives_the_predictors_output(exported.path, predictor, [(1, 64, 64), (2, 96, 128)])
 
 
 def test_weights_of_another_model_are_refused_by_the_95_percent_rule(tmp_path: Path) -> None:
