@@ -28,9 +28,10 @@ def run(
     profile: bool = False,
     variants: tuple[str, ...] = MODEL_VARIANTS,
     backbones: tuple[str, ...] | None = None,
+    frozen_memory: tuple[str, ...] = (),
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
-    table alone."""
+    table alone (with the training memory of the `frozen_memory` rows, frozen and not)."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
         "meta": {
@@ -46,7 +47,7 @@ def run(
         }
     }
     if backbones:
-        results["backbones"] = bench_backbones(cfg, device, backbones)
+        results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
     else:
         checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
         results["targets"] = bench_targets(cfg, device)
