@@ -27,6 +27,7 @@ every round) so that drift of the machine hits every variant alike.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "table (S&F on each and on the reference, hrnet_w48; --quick: hrnet_w18_small) instead of Table 5",
     )
     parser.add_argument(
+        "--frozen-memory",
+        help="with --backbones: comma list of its rows whose training step's peak memory to measure, the "
+        "encoder frozen and not (on CPU each in a fresh process)",
+    )
+    parser.add_argument(
         "--training",
         action="store_true",
         help="where the time of a sfseg.train run goes (the embedded default, or each --training-config)",
@@ -79,10 +85,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--child-shares", help=argparse.SUPPRESS)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--child-frozen", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.variants = parse_variants(args.variants)
         args.backbones = parse_backbones(args.backbones) if args.backbones is not None else None
+        args.frozen_memory = parse_backbones(args.frozen_memory) if args.frozen_memory is not None else ()
     except ValueError as error:
         parser.error(str(error))
     if args.memory_child:
@@ -101,11 +110,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg = QUICK if args.quick else BenchConfig()
     if args.memory_child:
         shares = tuple(float(share) for share in args.child_shares.split(",")) if args.child_shares else None
-        print(cpu_peak_memory(Case(args.memory_child, shares), cfg, train=args.child_train))
+        cfg = replace(cfg, backbone=args.child_backbone) if args.child_backbone else cfg
+        print(cpu_peak_memory(Case(args.memory_child, shares), cfg, args.child_train, args.child_frozen))
         return None
     device = torch.device(args.device)
     training = [config.split() for config in args.training_config] or [[]] if args.training else None
-    results = run(cfg, device, args.quick, args.ckpt, args.profile, args.variants, args.backbones, training)
+    results = run(
+        cfg,
+        device,
+        args.quick,
+        args.ckpt,
+        args.profile,
+        args.variants,
+        args.backbones,
+        args.frozen_memory,
+        training=training,
+    )
     write_results(args.out, results)
     print(to_markdown(results))
     return results

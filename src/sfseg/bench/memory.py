@@ -26,16 +26,16 @@ def _proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
-    """Peak-RSS growth (MB) over the first inference (or training step) of a freshly built model, in
-    its own process.
+def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool, frozen: bool = False) -> float:
+    """Peak-RSS growth (MB) over the first inference (or training step) of a freshly built model (with
+    its encoder frozen: `frozen`), in its own process.
 
     Linux: the peak (VmHWM, what ru_maxrss reports) is reset to the current RSS right before the
     call, because a process started by a big parent inherits the parent's ru_maxrss through
     exec and would then show no growth. Elsewhere: the ru_maxrss difference.
     """
     device = torch.device("cpu")
-    model = build_variant(case.variant, cfg).train(train)
+    model = build_variant(case.variant, cfg, frozen).train(train)
     if train:
         call = training_call(model, case.variant, cfg, device)
     else:
@@ -58,13 +58,19 @@ def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20 - before
 
 
-def _cpu_memory_in_subprocess(case: Case, quick: bool, train: bool = False) -> float:
+def cpu_memory_in_subprocess(
+    case: Case, quick: bool, train: bool = False, backbone: str | None = None, frozen: bool = False
+) -> float:
+    """`cpu_peak_memory` in a fresh `python -m sfseg.bench` process (on `backbone`: another than the
+    configuration's)."""
     child_args = [
         "--memory-child",
         case.variant,
         f"--threads={torch.get_num_threads()}",
         *(["--quick"] if quick else []),
         *(["--child-train"] if train else []),
+        *([f"--child-backbone={backbone}"] if backbone else []),
+        *(["--child-frozen"] if frozen else []),
         *([f"--child-shares={','.join(map(str, case.level_shares))}"] if case.level_shares else []),
     ]
     command = [sys.executable, "-m", "sfseg.bench", *child_args]
@@ -91,9 +97,9 @@ def measure_cpu_memory(
     """Peak RSS growth of each case's inference and each variant's training step, in fresh processes:
     two inference children at once (one per core here), training children one at a time (GBs each)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        measured = pool.map(lambda case: _cpu_memory_in_subprocess(case, quick), cases)
+        measured = pool.map(lambda case: cpu_memory_in_subprocess(case, quick), cases)
         memory = dict(zip((case.name for case in cases), measured, strict=True))
     train_memory = {
-        variant: _cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in variants
+        variant: cpu_memory_in_subprocess(Case(variant), quick, train=True) for variant in variants
     }
     return {"memory": memory, "train_memory": train_memory}

@@ -29,10 +29,12 @@ def run(
     profile: bool = False,
     variants: tuple[str, ...] = MODEL_VARIANTS,
     backbones: tuple[str, ...] | None = None,
+    frozen_memory: tuple[str, ...] = (),
     training: list[list[str]] | None = None,
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
-    table alone; with `training` (lists of `sfseg.train` overrides), where those runs' time goes, alone."""
+    table alone (with the training memory of the `frozen_memory` rows, frozen and not); with `training`
+    (lists of `sfseg.train` overrides), where those runs' time goes, alone."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
         "meta": {
@@ -48,7 +50,7 @@ def run(
         }
     }
     if backbones:
-        results["backbones"] = bench_backbones(cfg, device, backbones)
+        results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
     elif training:
         results["training"] = [bench_training(overrides) for overrides in training]
     else:
