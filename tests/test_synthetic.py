@@ -13,7 +13,6 @@ import torch
 from scipy import ndimage
 
 from sfseg.data import synthetic
-from sfseg.data.datamodule import SyntheticDataModule
 from sfseg.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_PALETTE,
@@ -209,30 +208,3 @@ def test_a_split_is_rendered_once_and_the_transform_cannot_alter_the_kept_scene(
     too_big = SyntheticScenes("train", num_samples=4)
     assert too_big.scene(2) is not too_big.scene(2)  # over the budget: rendered at every draw
     assert np.array_equal(too_big.scene(2)[1], label)
-
-
-def test_crop_size_trains_on_random_crops_and_validates_whole_scenes():
-    datamodule = SyntheticDataModule(size=128, train_samples=4, val_samples=2, crop_size=64, num_levels=4)
-    datamodule.setup("fit")
-    crops = [datamodule.train_set[i] for i in (0, 0)]
-    assert crops[0]["image"].shape == (3, 64, 64) and crops[0]["label"].shape == (64, 64)
-    assert datamodule.val_set[0]["label"].shape == (128, 128)
-    # Each crop is a window of the scene's labels.
-    _, label = render_scene(0, size=(128, 128))
-    windows = np.lib.stride_tricks.sliding_window_view(label, (64, 64))
-    for crop in crops:
-        found = (windows == crop["label"].numpy()).all(axis=(2, 3))
-        flipped = (windows == crop["label"].numpy()[:, ::-1]).all(axis=(2, 3))
-        assert found.any() or flipped.any()
-
-
-@pytest.mark.parametrize(
-    ("crop", "message"),
-    [
-        (48, r"data\.crop_size=\[48, 48\] must be divisible by"),
-        (160, r"data\.crop_size=\[160, 160\] must fit"),
-    ],
-)
-def test_a_crop_that_the_network_or_the_scene_cannot_take_names_the_key(crop: int, message: str):
-    with pytest.raises(ValueError, match=message):
-        SyntheticDataModule(size=128, crop_size=crop, num_levels=4).setup("fit")

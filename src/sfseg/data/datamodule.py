@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sfseg.data.transforms import seed_worker, size_pair, train_transform, val_transform
+from sfseg.data.transforms import seed_worker, train_transform, val_transform
 from sfseg.pyramid import IGNORE_INDEX, build_targets, level_strides
 
 
@@ -139,7 +139,6 @@ class SyntheticDataModule(SegmentationDataModule):
         val_samples: int = 200,
         data_seed: int = 0,
         augment: bool = True,
-        crop_size: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -152,7 +151,6 @@ class SyntheticDataModule(SegmentationDataModule):
         self.val_samples = val_samples
         self.data_seed = data_seed
         self.augment = augment
-        self.crop_size = crop_size
 
     def scenes(self, split: str, num_samples: int, transform: Any) -> Dataset:
         """The dataset of one split."""
@@ -162,15 +160,9 @@ class SyntheticDataModule(SegmentationDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.check_size("data.size", self.size)
-        if self.crop_size is not None:
-            crop = size_pair(self.crop_size, "data.crop_size")
-            self.check_size("data.crop_size", crop)
-            if crop[0] > self.size[0] or crop[1] > self.size[1]:
-                raise ValueError(f"data.crop_size={list(crop)} must fit in data.size={list(self.size)}")
-        # Light augmentation: the scenes already vary in layout, colour, brightness and noise; a random crop
-        # (data.crop_size) trains on part of each scene, validation sees whole scenes.
+        # Light augmentation: the scenes already vary in layout, colour, brightness and noise.
         train_tf = (
-            train_transform(crop_size=self.crop_size, scale_range=None, seed=self.seed)
+            train_transform(crop_size=None, scale_range=None, seed=self.seed)
             if self.augment
             else val_transform(self.val_pad_divisor)
         )
