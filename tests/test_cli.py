@@ -72,12 +72,12 @@ def test_a_sweep_job_without_its_key_stops_the_sweep_with_the_message(tmp_path: 
         (
             "sfseg.export",
             ["ckpt_path=a.ckpt", "format=tflite"],
-            "format='tflite' is not one of onnx, torchscript",
+            "format='tflite' is not one of onnx, torchscript, pretrained",
         ),
         (
             "sfseg.eval",
             ["ckpt_path=typo.ckpt"],
-            "ckpt_path=typo.ckpt: no such checkpoint file",
+            "ckpt_path=typo.ckpt: no such checkpoint file or model folder",
         ),  # a resolver's
     ],
 )

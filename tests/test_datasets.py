@@ -135,9 +135,27 @@ def test_coco_stuff_10k_and_164k_name_the_same_classes():
 def test_classes_and_palette(name: str):
     layout = LAYOUTS[name]
     assert len(layout.classes) == len(set(layout.classes)) == NUM_CLASSES[name]
-    assert len(layout.palette) == len(set(layout.palette)) == NUM_CLASSES[name]
+    assert len(layout.palette) == NUM_CLASSES[name]
     assert all(len(rgb) == 3 and all(0 <= c <= 255 for c in rgb) for rgb in layout.palette)
     assert layout.classes[0] == FIRST_CLASS[name]
+
+
+# Entries of the palettes as mmsegmentation 1.2.2 publishes them (METAINFO["palette"] of ADE20KDataset in
+# mmseg/datasets/ade.py, COCOStuffDataset in coco_stuff.py, PascalContextDataset59 in pascal_context.py,
+# CityscapesDataset in cityscapes.py): the first, a middle and the last class, and where it repeats one.
+PUBLISHED_COLOURS = {
+    "ade20k": {"wall": (120, 120, 120), "road": (140, 140, 140), "skyscraper": (140, 140, 140), "person": (150, 5, 61), "flag": (92, 0, 255)},
+    "coco_stuff164k": {"person": (0, 192, 64), "bicycle": (0, 192, 64), "handbag": (0, 0, 0), "banner": (0, 192, 0), "wood": (64, 64, 0)},
+    "pascal_context59": {"aeroplane": (180, 120, 120), "bicycle": (140, 140, 140), "person": (102, 8, 255), "snow": (140, 140, 140), "wood": (31, 0, 255)},
+    "cityscapes": {"road": (128, 64, 128), "person": (220, 20, 60), "bicycle": (119, 11, 32)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", PUBLISHED_COLOURS)
+def test_masks_draw_in_the_datasets_published_colours(dataset: str):
+    layout = LAYOUTS[dataset]
+    colours = dict(zip(layout.classes, layout.palette, strict=True))
+    assert {name: colours[name] for name in PUBLISHED_COLOURS[dataset]} == PUBLISHED_COLOURS[dataset]
 
 
 # --- datamodules on fixture trees ------------------------------------------------------------------------

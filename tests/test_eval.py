@@ -409,16 +409,21 @@ def run_eval(ckpt: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProc
     )
 
 
+def fixture_run_overrides(dataset: str, root: Path) -> list[str]:
+    """Two tiny training steps on a dataset fixture of tests/fixtures.py (64-px crops, no pretrained
+    weights, no pictures)."""
+    overrides = [f"data={dataset}", f"data.root={root}", "data.crop_size=64", "data.batch_size=2"]
+    overrides += ["data.num_workers=0", "model.backbone.pretrained=false", "num_pyramid_images=0"]
+    return overrides + [override for override in TINY if override.startswith(("model.", "trainer."))]
+
+
 @pytest.fixture(scope="module")
 def ade20k_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two training steps on the ADE20K fixture (150 classes, files on disk): another dataset than
     eval's former default, the synthetic scenes."""
     base = tmp_path_factory.mktemp("ade20k_run")
     root, run_dir = make_ade20k(base / "data"), base / "run"
-    overrides = ["data=ade20k", f"data.root={root}", "data.crop_size=64", "data.batch_size=2"]
-    overrides += ["data.num_workers=0", "model.backbone.pretrained=false", "num_pyramid_images=0"]
-    overrides += [override for override in TINY if override.startswith(("model.", "trainer."))]
-    result = run_train(*overrides, f"hydra.run.dir={run_dir}", cwd=base)
+    result = run_train(*fixture_run_overrides("ade20k", root), f"hydra.run.dir={run_dir}", cwd=base)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 

@@ -1,5 +1,6 @@
 """`python -m sfseg.predict`: masks (palette PNGs of class ids or the dataset's raw ids), overlays and
-level maps for any image, and clear errors for files that are not images."""
+level maps for any image and for folder trees (mirrored), masks only for a submission, the datasets'
+palettes, and clear errors for files that are not images and outputs inside the input."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sfseg.data.classes import ADE20K_CLASSES, ADE20K_PALETTE, SYNTHETIC_PALETTE, palette_for
+from sfseg.data.classes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    PASCAL_CONTEXT59_CLASSES,
+    PASCAL_CONTEXT59_PALETTE,
+    SYNTHETIC_PALETTE,
+    generated_palette,
+    palette_for,
+)
 from sfseg.data.datasets import NotAnImageError, decode_rgb
 from sfseg.inference import load
 from sfseg.module import SpecializeAndFuseModule
@@ -43,10 +52,16 @@ def write_images(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def predict_config(
-    checkpoint: Path, input_path: Path, output: Path | None, ids: str = "class", fuse: bool = True
+    checkpoint: Path,
+    input_path: Path,
+    output: Path | None,
+    ids: str = "class",
+    fuse: bool = True,
+    write: Sequence[str] = OUTPUT_KINDS,
 ):
     return OmegaConf.create(
         {
+            "write": list(write),
             "ckpt_path": str(checkpoint),
             "input": str(input_path),
             "output": None if output is None else str(output),
@@ -198,3 +213,51 @@ def test_palette_is_the_datasets_or_distinct_colours():
     assert palette_for(ADE20K_CLASSES) == list(ADE20K_PALETTE)
     unknown = palette_for([f"class{index}" for index in range(30)])
     assert len(set(unknown)) == 30
+
+
+def test_checkpoints_written_before_the_datasets_palettes_draw_in_them(tmp_path: Path):
+    # Pascal-Context-59's checkpoints recorded the VOC colour map, the palette sfseg gave it before.
+    voc = [list(colour) for colour in generated_palette(len(PASCAL_CONTEXT59_CLASSES))]
+    former = untrained_checkpoint(tmp_path / "pascal.ckpt", PASCAL_CONTEXT59_CLASSES, palette=voc)
+    assert load(former, device="cpu").palette == list(PASCAL_CONTEXT59_PALETTE)
+    unrecorded = untrained_checkpoint(tmp_path / "ade20k.ckpt", ADE20K_CLASSES)  # no palette at all
+    assert load(unrecorded, device="cpu").palette == list(ADE20K_PALETTE)
+
+
+def test_a_folder_tree_is_mirrored_and_its_bad_files_are_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    checkpoint = untrained_checkpoint(tmp_path / "ade20k.ckpt", ADE20K_CLASSES)
+    tree = tmp_path / "val"
+    sizes = write_images(tree / "aachen")
+    write_images(tree / "bochum" / "night")
+    hidden = tree / ".thumbnails" / "odd.jpg"  # hidden folders are left out
+    hidden.parent.mkdir()
+    shutil.copy(tree / "aachen" / "odd.jpg", hidden)
+    output = tmp_path / "submission"
+    assert run(predict_config(checkpoint, tree, output, ids="raw", write=["mask"])) == 2  # the two notes.txt
+    folders = (Path("aachen"), Path("bochum") / "night")
+    assert sorted(path.relative_to(output) for path in output.rglob("*.png")) == sorted(
+        folder / f"{stem}.png" for folder in folders for stem in sizes
+    )  # masks only, named like their images, in the same subfolders
+    for folder in folders:
+        with Image.open(output / folder / "odd.png") as mask:
+            assert mask.size == sizes["odd"] and np.asarray(mask).min() >= 1  # ADE20K's ids 1..150
+    reported = capsys.readouterr().err
+    assert f"not an image: {tree / 'bochum' / 'night' / 'notes.txt'}" in reported
+    assert f"not an image: {tree / 'aachen' / 'notes.txt'}" in reported
+
+
+def test_an_output_inside_the_input_or_over_an_image_is_refused_before_anything_runs(tmp_path: Path):
+    write_images(tmp_path / "in")
+    inside = tmp_path / "in" / "predictions"
+    with pytest.raises(
+        ValueError, match=r"output=.*predictions lies inside input=.*in: a recursive walk would read"
+    ):
+        run(predict_config(tmp_path / "any.ckpt", tmp_path / "in", inside))
+    assert not inside.exists()
+    grey = tmp_path / "in" / "grey.png"  # its mask alone would be named like it, in its own folder
+    with pytest.raises(ValueError, match=r"would write .*grey\.png over an input image"):
+        run(predict_config(tmp_path / "any.ckpt", grey, tmp_path / "in", write=["mask"]))
+    with pytest.raises(ValueError, match=r"write=\['mask', 'mask'\] must name each picture once, from mask"):
+        run(predict_config(tmp_path / "any.ckpt", grey, tmp_path / "out", write=["mask", "mask"]))

@@ -31,7 +31,7 @@ USAGE_ERROR = 2  # as argparse exits on a missing argument
 # What the mandatory keys of conf/ expect, and a value for the example command (data.root: see expectation).
 EXPECTED = {
     "ckpt_path": (
-        "a checkpoint written by `python -m sfseg.train`",
+        "a checkpoint written by `python -m sfseg.train`, a model folder or hf-hub:<owner>/<name>",
         "outputs/train/<time>/checkpoints/last.ckpt",
     ),
     "input": ("an image file, or a folder of images", "photos/"),

@@ -1,6 +1,7 @@
 """Evaluation entry point: `python -m sfseg.eval ckpt_path=<ckpt> data=<name> [eval.*]` (Hydra).
 
-The model, its L, tau and classes come from the checkpoint (`sfseg.inference.load`). Predictions are
+The model, its L, tau and classes come from the checkpoint (`sfseg.inference.load`: a .ckpt, a model
+folder of `sfseg.export format=pretrained` or `hf-hub:<owner>/<name>`). Predictions are
 whole-image or sliding-window (`eval.mode=slide`), optionally multi-scale + flip (`eval.scales`,
 `eval.flip`), from the fused output or the finest level only (`eval.fuse=false`, Table 8's "auxiliary
 supervision"). A single-scale whole-image pass of the fused pyramid also feeds the specialization
@@ -33,12 +34,13 @@ from sfseg.inference import (
     load,
     per_class_table,
     resolve_device,
+    results_folder,
     write_per_class_csv,
     write_tau_sweep,
     write_unity_calibration,
 )
 from sfseg.pyramid import check_tau
-from sfseg.runs import checkpoint_run_folder, write_json
+from sfseg.runs import write_json
 from sfseg.visualize import fig3_figure, save_figure, table9_figure
 
 OUTPUT_FILES = ("metrics.json", "per_class.csv", "specialization.json", "table9.png", "fig3.png")
@@ -48,16 +50,16 @@ def default_eval_folder(
     ckpt_path: str, mode: str, scales: Sequence[float], flip: bool, fuse: bool, tau: float | None = None
 ) -> str:
     """`<training run folder>/eval` plus a suffix per non-default setting (_slide, _ms, _flip,
-    _finest, _tau<tau>), so that e.g. Table 8's fused and finest-only results sit side by side."""
-    if not Path(ckpt_path).expanduser().is_file():  # before Hydra creates a run folder next to a typo
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    _finest, _tau<tau>), so that e.g. Table 8's fused and finest-only results sit side by side; for a
+    model folder or a hub id, its `results_folder` instead of the run folder."""
+    folder = results_folder(ckpt_path)  # a missing checkpoint fails here, before Hydra makes the folder
     name = "eval"
     name += "_slide" if mode == "slide" else ""
     name += "_ms" if [float(scale) for scale in scales] != [1.0] else ""
     name += "_flip" if flip else ""
     name += "" if fuse else "_finest"
     name += "" if tau is None else f"_tau{tau:g}"
-    return str(checkpoint_run_folder(ckpt_path) / name)
+    return str(folder / name)
 
 
 # conf/eval.yaml's hydra.run.dir calls it; registered at import, before Hydra composes the config.

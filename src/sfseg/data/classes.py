@@ -85,8 +85,8 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen",
     "plate", "monitor", "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
-# The CSAIL scene-parsing colours (as in mmsegmentation), except "skyscraper": its original colour
-# repeats "road" (140, 140, 140), so it gets an unused one.
+# CSAIL's 150 scene-parsing colours (color150 of its toolkit), as mmsegmentation's ADE20KDataset
+# METAINFO["palette"] publishes them; "skyscraper" shares (140, 140, 140) with "road" there too.
 ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80),
     (140, 140, 140), (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7),
@@ -96,7 +96,7 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = (
     (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255),
     (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
     (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255),
-    (100, 100, 160), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
+    (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0),
     (153, 255, 0), (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
     (11, 200, 200), (255, 82, 0), (0, 255, 245), (0, 61, 255), (0, 255, 112), (0, 255, 133),
     (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255), (51, 255, 0),
@@ -137,9 +137,39 @@ COCO_STUFF_CLASSES: tuple[str, ...] = (
     "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
     "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
 )  # fmt: skip
-# mmsegmentation's COCO-Stuff palette repeats colours; the VOC colour map never does (class k -> k + 1,
-# so that black stays free for ignored pixels).
-COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = generated_palette(len(COCO_STUFF_CLASSES))
+# mmsegmentation's COCOStuffDataset METAINFO["palette"], as published: it gives some classes the same
+# colour (person and bicycle; truck, traffic light and cloth; ...) and handbag black.
+COCO_STUFF_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 192, 64), (0, 192, 64), (0, 64, 96), (128, 192, 192), (0, 64, 64), (0, 192, 224),
+    (0, 192, 192), (128, 192, 64), (0, 192, 96), (128, 192, 64), (128, 32, 192), (0, 0, 224),
+    (0, 0, 64), (0, 160, 192), (128, 0, 96), (128, 0, 192), (0, 32, 192), (128, 128, 224),
+    (0, 0, 192), (128, 160, 192), (128, 128, 0), (128, 0, 32), (128, 32, 0), (128, 0, 128),
+    (64, 128, 32), (0, 160, 0), (0, 0, 0), (192, 128, 160), (0, 32, 0), (0, 128, 128),
+    (64, 128, 160), (128, 160, 0), (0, 128, 0), (192, 128, 32), (128, 96, 128), (0, 0, 128),
+    (64, 0, 32), (0, 224, 128), (128, 0, 0), (192, 0, 160), (0, 96, 128), (128, 128, 128),
+    (64, 0, 160), (128, 224, 128), (128, 128, 64), (192, 0, 32), (128, 96, 0), (128, 0, 192),
+    (0, 128, 32), (64, 224, 0), (0, 0, 64), (128, 128, 160), (64, 96, 0), (0, 128, 192),
+    (0, 128, 160), (192, 224, 0), (0, 128, 64), (128, 128, 32), (192, 32, 128), (0, 64, 192),
+    (0, 0, 32), (64, 160, 128), (128, 64, 64), (128, 0, 160), (64, 32, 128), (128, 192, 192),
+    (0, 0, 160), (192, 160, 128), (128, 192, 0), (128, 0, 96), (192, 32, 0), (128, 64, 128),
+    (64, 128, 96), (64, 160, 0), (0, 64, 0), (192, 128, 224), (64, 32, 0), (0, 192, 128),
+    (64, 128, 224), (192, 160, 0), (0, 192, 0), (192, 128, 96), (192, 96, 128), (0, 64, 128),
+    (64, 0, 96), (64, 224, 128), (128, 64, 0), (192, 0, 224), (64, 96, 128), (128, 192, 128),
+    (64, 0, 224), (192, 224, 128), (128, 192, 64), (192, 0, 96), (192, 96, 0), (128, 64, 192),
+    (0, 128, 96), (0, 224, 0), (64, 64, 64), (128, 128, 224), (0, 96, 0), (64, 192, 192),
+    (0, 128, 224), (128, 224, 0), (64, 192, 64), (128, 128, 96), (128, 32, 128), (64, 0, 192),
+    (0, 64, 96), (0, 160, 128), (192, 0, 64), (128, 64, 224), (0, 32, 128), (192, 128, 192),
+    (0, 64, 224), (128, 160, 128), (192, 128, 0), (128, 64, 32), (128, 32, 64), (192, 0, 128),
+    (64, 192, 32), (0, 160, 64), (64, 0, 0), (192, 192, 160), (0, 32, 64), (64, 128, 128),
+    (64, 192, 160), (128, 160, 64), (64, 128, 0), (192, 192, 32), (128, 96, 192), (64, 0, 128),
+    (64, 64, 32), (0, 224, 192), (192, 0, 0), (192, 64, 160), (0, 96, 192), (192, 128, 128),
+    (64, 64, 160), (128, 224, 192), (192, 128, 64), (192, 64, 32), (128, 96, 64), (192, 0, 192),
+    (0, 192, 32), (64, 224, 64), (64, 0, 64), (128, 192, 160), (64, 96, 64), (64, 128, 192),
+    (0, 192, 160), (192, 224, 64), (64, 128, 64), (128, 192, 32), (192, 32, 192), (64, 64, 192),
+    (0, 64, 32), (64, 160, 192), (192, 64, 64), (128, 64, 160), (64, 32, 192), (192, 192, 192),
+    (0, 64, 160), (192, 160, 192), (192, 192, 0), (128, 64, 96), (192, 32, 64), (192, 64, 128),
+    (64, 192, 96), (64, 160, 64), (64, 64, 0),
+)  # fmt: skip
 
 # Pascal-Context-59: the 59 most frequent classes of the 459-class vocabulary, in its (alphabetical) order.
 PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
@@ -150,8 +180,20 @@ PASCAL_CONTEXT59_CLASSES: tuple[str, ...] = (
     "sheep", "shelves", "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree",
     "truck", "tvmonitor", "wall", "water", "window", "wood",
 )  # fmt: skip
-# The VOC colour map, as Pascal-Context's own tools draw it (class k -> k + 1; black stays background).
-PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = generated_palette(len(PASCAL_CONTEXT59_CLASSES))
+# mmsegmentation's PascalContextDataset59 METAINFO["palette"], as published (ADE20K's colours from its
+# second on; bicycle and snow share (140, 140, 140)).
+PASCAL_CONTEXT59_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61),
+    (120, 120, 70), (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7),
+    (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71),
+    (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255), (8, 255, 214),
+    (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255), (224, 255, 8),
+    (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20), (255, 8, 41),
+    (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0),
+    (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255),
+)  # fmt: skip
 
 
 # Cityscapes: the 19 evaluation classes (trainIds 0..18 of cityscapesScripts' helpers/labels.py), with
@@ -167,7 +209,8 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 
 
-# Class names -> palette, for a checkpoint that only knows its class names.
+# Class names -> palette: a model of a known dataset draws in that dataset's colours, whatever palette
+# its checkpoint recorded (checkpoints written before the datasets' own palettes came in hold others).
 KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], ...] = (
     (SYNTHETIC_CLASSES, SYNTHETIC_PALETTE),
     (ADE20K_CLASSES, ADE20K_PALETTE),
@@ -177,12 +220,17 @@ KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], 
 )
 
 
-def palette_for(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
-    """The dataset's palette when the classes are a dataset sfseg knows, else `generated_palette`."""
+def dataset_palette(class_names: Sequence[str]) -> list[tuple[int, int, int]] | None:
+    """The palette of the dataset sfseg knows by these class names; None for other classes."""
     for classes, palette in KNOWN_PALETTES:
         if tuple(class_names) == tuple(classes):
             return list(palette)
-    return list(generated_palette(len(class_names)))
+    return None
+
+
+def palette_for(class_names: Sequence[str]) -> list[tuple[int, int, int]]:
+    """The dataset's palette when the classes are a dataset sfseg knows, else `generated_palette`."""
+    return dataset_palette(class_names) or list(generated_palette(len(class_names)))
 
 
 # --- A dataset of the user's own (data=folder) -------------------------------------------------------

@@ -18,22 +18,20 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from sfseg.analysis import pixel_levels
-from sfseg.data.classes import palette_for
+from sfseg.data.classes import dataset_palette, palette_for
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.real import training_layout
 from sfseg.data.transforms import val_transform
 from sfseg.inference.passes import image_logits, sparse_applies, whole_logits
 from sfseg.inference.pixels import fused_logits, pad_to_divisor
+from sfseg.inference.sources import read_model
 from sfseg.models import PyramidSegmenter
 from sfseg.pyramid import IGNORE_INDEX, FuseRule
-from sfseg.runs import run_data_config
 from sfseg.visualize import pyramid_figure
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a written mask holds per class: its 0-based class id, or the dataset's own label value.
 LABEL_IDS = ("class", "raw")
-# What every sfseg checkpoint's hyper_parameters hold (SpecializeAndFuseModule's arguments).
-REQUIRED_HPARAMS = ("num_classes", "backbone", "context", "levels", "tau")
 
 
 def resolve_device(name: str, key: str = "eval.device") -> torch.device:
@@ -83,13 +81,16 @@ class Predictor:
     palette: list[tuple[int, int, int]] = field(default_factory=list)
     # Per class, the raw id or [r, g, b] colour of the training data's label files (None: not recorded).
     label_values: list[int] | list[list[int]] | None = None
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # the .ckpt or the model folder it was loaded from
     data_config: DictConfig | None = None  # the checkpoint's training run config, when it has one
     sparse_inference: bool = True  # predict/logits compute each level only where the fuse keeps it
+    # The model's hyperparameters as stored (SpecializeAndFuseModule's arguments), for writing it again.
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
-        self.palette = self.palette or palette_for(self.class_names)
+        # A known dataset's own colours first: a checkpoint recorded the palette of its day.
+        self.palette = dataset_palette(self.class_names) or self.palette or palette_for(self.class_names)
         self.net = self.net.to(self.device).eval()
         if self.sparse_inference and not sparse_applies(self.net):
             print(
@@ -199,8 +200,9 @@ class Predictor:
         """The config of the checkpoint's training run."""
         if self.data_config is None:
             raise FileNotFoundError(
-                f"the checkpoint {self.checkpoint} is not in a training run folder (no config.yaml beside "
-                "its checkpoints/ folder); evaluate it with `python -m sfseg.eval ckpt_path=... data=<name>`"
+                f"the model {self.checkpoint} has no training run config (a checkpoint: no config.yaml beside "
+                "its checkpoints/ folder; a model folder: no training_config.yaml); evaluate it with "
+                "`python -m sfseg.eval ckpt_path=... data=<name>`"
             )
         return self.data_config
 
@@ -223,34 +225,23 @@ def load(
     autocast: str | None = None,
     sparse_inference: bool = True,
 ) -> Predictor:
-    """The Predictor of an sfseg checkpoint (a `make train` / `python -m sfseg.train` .ckpt).
+    """The Predictor of an sfseg model: a checkpoint (a `make train` / `python -m sfseg.train` .ckpt), a
+    model folder (`python -m sfseg.export format=pretrained`) or `hf-hub:<owner>/<name>[@<revision>]`,
+    that folder on the Hugging Face Hub (`sfseg.inference.sources`).
 
-    The backbone's pretrained weights are not fetched: the checkpoint holds every weight.
+    The backbone's pretrained weights are not fetched: the model holds every weight.
     sparse_inference=False computes every level at every cell in `predict` and `logits` (same output).
     """
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
     device = resolve_device(device, "device") if isinstance(device, str) else torch.device(device)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch's unpickling errors have no common base class
-        raise ValueError(f"ckpt_path={ckpt_path}: not a checkpoint torch can read ({error})") from error
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(hparams, Mapping) or any(key not in hparams for key in REQUIRED_HPARAMS):
-        raise ValueError(
-            f"ckpt_path={ckpt_path}: not an sfseg checkpoint (its hyper_parameters lack "
-            f"{', '.join(REQUIRED_HPARAMS)}); give a .ckpt written by `python -m sfseg.train`"
-        )
+    stored = read_model(ckpt_path)
+    hparams = stored.hparams
     net = PyramidSegmenter.from_hparams(hparams, load_backbone_weights=False)
-    prefix = "net."  # SpecializeAndFuseModule.net; its metrics keep no state in the checkpoint
-    net.load_state_dict(
-        {
-            key.removeprefix(prefix): value
-            for key, value in checkpoint["state_dict"].items()
-            if key.startswith(prefix)
-        }
-    )
+    try:
+        net.load_state_dict(stored.state_dict)
+    except RuntimeError as error:  # missing, unexpected or misshapen weights
+        raise ValueError(
+            f"{stored.weights}: its weights do not fit the model it describes ({error})"
+        ) from None
     num_classes = hparams["num_classes"]
     return Predictor(
         net=net,
@@ -261,9 +252,10 @@ def load(
         ignore_index=int(hparams.get("ignore_index", IGNORE_INDEX)),
         palette=[tuple(colour) for colour in hparams.get("palette") or ()],
         label_values=hparams.get("label_values"),
-        checkpoint=path,
-        data_config=run_data_config(path),
+        checkpoint=stored.path,
+        data_config=stored.run_config,
         sparse_inference=sparse_inference,
+        hyper_parameters=dict(hparams),
     )
 
 
