@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,7 @@ from sfseg.bench.__main__ import main
 from sfseg.bench.backbones import parse_backbones
 from sfseg.bench.harness import QUICK, count_gmacs, count_params_m
 from sfseg.bench.table5 import checkpoint_level_shares, model_cases, table5_rows
-from sfseg.bench.variants import MODEL_VARIANTS, Case, build_variant, parse_variants
-from sfseg.models import PyramidSegmenter
+from sfseg.bench.variants import MODEL_VARIANTS, Case, build_variant, model_spec, parse_variants
 from tests.test_eval import train_tiny_checkpoint
 
 # ratio key -> the value it divides by FCN's
@@ -193,7 +193,9 @@ def test_bench_refuses_unknown_variants(value: str, capsys: pytest.CaptureFixtur
 
 @pytest.mark.slow
 def test_backbones_table_measures_each_backbone_next_to_the_reference(tmp_path, restore_threads) -> None:
-    quick_run(tmp_path, "--backbones", "convnext_atto,vit_tiny_patch16_224")
+    quick_run(
+        tmp_path, "--backbones", "convnext_atto,vit_tiny_patch16_224", "--frozen-memory", "convnext_atto"
+    )
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results) == {"meta", "backbones"}  # the Backbones table instead of Table 5
@@ -201,31 +203,49 @@ def test_backbones_table_measures_each_backbone_next_to_the_reference(tmp_path, 
     assert table["reference"] == QUICK.backbone and table["variant"] == "sf_c2f"
     rows = {row["backbone"]: row for row in table["rows"]}
     assert list(rows) == [QUICK.backbone, "convnext_atto", "vit_tiny_patch16_224"]
-    assert [row["adapter"] for row in rows.values()] == ["HRNetV2", "TimmStages", "TimmViT"]
+    # Each as its config builds it: HRNetV2's concatenation and the paper's heads; timm's segformer default.
+    assert [(row["encoder"], row["decoder"]) for row in rows.values()] == [
+        ("HRNetBranches", "concat"),
+        ("TimmStages", "segformer"),
+        ("PlainViT", "segformer"),
+    ]
     for name, row in rows.items():
-        # The S&F model the table names: its parameters, the backbone's and the timm encoder's.
-        model = PyramidSegmenter(name, QUICK.num_classes, QUICK.num_levels, context="c2f")
-        for key, module in (("params_m", model), ("backbone_params_m", model.backbone)):
-            assert row[key] == pytest.approx(sum(p.numel() for p in module.parameters()) / 1e6)
-        assert row["backbone_params_m"] < row["params_m"] and 0 < row["backbone_gmacs"] < row["gmacs"]
-        # The fusion decoder (and the ViT's neck) adds to the timm encoder; HRNetV2's concatenation does not.
-        added = (
-            row["backbone_params_m"] - row["encoder_params_m"],
-            row["backbone_gmacs"] - row["encoder_gmacs"],
+        spec = model_spec(name)
+        assert (row["semantic_channels"], row["unity_channels"]) == (
+            spec.semantic_channels,
+            spec.unity_channels,
         )
-        if name == QUICK.backbone:
-            assert added == (0, pytest.approx(0, abs=1e-6))
-        else:
-            assert min(added) > 0
+        # The S&F model the table names: its parameters split into the encoder, the decoder and the heads.
+        model = build_variant("sf_c2f", replace(QUICK, backbone=name))
+        parts = (model.backbone.body, model.backbone, model)
+        encoder, backbone, whole = (sum(p.numel() for p in part.parameters()) / 1e6 for part in parts)
+        assert row["params_m"] == pytest.approx(whole)
+        assert (row["encoder_params_m"], row["decoder_params_m"]) == pytest.approx(
+            (encoder, backbone - encoder)
+        )
+        assert row["encoder_gmacs"] + row["decoder_gmacs"] + row["heads_gmacs"] == pytest.approx(row["gmacs"])
+        # HRNetV2's concatenation has no parameters and no multiply-adds; the other decoders have both.
+        assert (row["decoder_gmacs"] > 0) is (name != QUICK.backbone)
+        assert row["encoder_gmacs"] + row["decoder_gmacs"] < row["fcn_gmacs"]  # FCN: the same plus its head
+        assert row["sparse_vs_fcn"] == pytest.approx(row["sparse_gmacs"] / row["fcn_gmacs"])
         assert row["train_step_ratio"] == pytest.approx(
             row["train_step_ms"] / rows[QUICK.backbone]["train_step_ms"]
         )
+        assert row["frozen_step_ratio"] == pytest.approx(row["frozen_train_step_ms"] / row["train_step_ms"])
     assert rows[QUICK.backbone]["train_step_ratio"] == 1.0
+    # A frozen encoder keeps no activations for its backward: the step needs less memory.
+    assert rows["convnext_atto"]["frozen_train_memory_mb"] < rows["convnext_atto"]["train_memory_mb"]
+    assert "train_memory_mb" not in rows["vit_tiny_patch16_224"]
 
     markdown = (tmp_path / "results.md").read_text()
     assert "## Backbones: S&F (c2f, L=4, 150 classes)" in markdown and "| vs hrnet_w18_small |" in markdown
-    for name, row in rows.items():
-        assert f"| {name} | {row['adapter']} | 32 |" in markdown
+    assert "| convnext_atto | TimmStages | segformer (256) | 128, 32 |" in markdown
+    assert "### A frozen encoder: training step and its peak memory" in markdown
+
+
+def test_frozen_memory_names_rows_of_the_table(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"--frozen-memory resnet18: not among the measured backbones"):
+        quick_run(tmp_path, "--backbones", "convnext_atto", "--frozen-memory", "resnet18")
 
 
 def test_backbones_are_a_comma_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -479,11 +479,15 @@ def test_cityscapes_experiment_follows_hrnets_protocol(experiment: str, run_dir:
     assert cfg.data._target_ == "sfseg.data.real.CityscapesDataModule"
     assert cfg.model.backbone.name == "hrnet_w48" and cfg.model.backbone.pretrained is True
     assert dict(cfg.model.optimizer) == {
+        "name": "sgd",
         "lr": 0.01,
         "momentum": 0.9,
+        "betas": [0.9, 0.999],
         "weight_decay": 5e-4,
         "poly_power": 0.9,
         "head_lr_mult": 1,
+        "warmup_steps": 0,
+        "warmup_ratio": 1e-6,
     }
     assert (list(cfg.data.crop_size), list(cfg.data.scale_range), cfg.data.hflip) == (
         [512, 1024],
@@ -543,8 +547,9 @@ def test_trains_a_few_steps_through_the_hydra_config(name: str, tmp_path: Path, 
 NETWORK_DIVISORS = {
     "hrnet_L1": (["model/backbone=hrnet_w18_small"], 1, 32, 96),
     "hrnet_L2": (["model/backbone=hrnet_w18_small"], 2, 32, 96),
-    # a patch-16 ViT: lcm(16, 32) = 32 at every L
+    # a patch-16 ViT and a patch-14 one (padded to its patch inside the encoder): the neck's 32 at every L
     "vit_L2": (["model/backbone=timm", "model.backbone.name=vit_tiny_patch16_224"], 2, 32, 96),
+    "dinov2_L2": (["model/backbone=timm", "model.backbone.name=vit_small_patch14_dinov2"], 2, 32, 96),
     # the bounded-receptive-field backbone needs only the finest stride: the pyramid's 4 decides at L=1
     "local_L1": (["model/backbone=local"], 1, 4, 80),
 }

@@ -38,7 +38,8 @@ from sfseg.data.synthetic_context import (
     render_context_scene,
 )
 from sfseg.gpu_check import sizes as check_sizes
-from sfseg.models.backbones import LocalResNet, create_backbone
+from sfseg.models.backbones import create_backbone
+from sfseg.models.encoders import LocalResNet
 from sfseg.module import training_loss
 from sfseg.runs import resolved_config
 from tests.conftest import TINY, compose_config

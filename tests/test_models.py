@@ -251,7 +251,7 @@ def test_classification_checkpoint_loads_with_its_head_ignored(tmp_path, caplog)
     path = tmp_path / "imagenet.pth"
     full = timm.create_model(SMALL)
     torch.save(full.state_dict(), path)
-    with caplog.at_level("INFO", logger="sfseg.models.backbones"):
+    with caplog.at_level("INFO", logger="sfseg.models.weights"):
         backbone = create_backbone(SMALL, weights=str(path))
     torch.testing.assert_close(backbone.body.conv1.weight, full.conv1.weight)
     assert "0 missing" in caplog.text

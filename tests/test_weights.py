@@ -13,9 +13,10 @@ import torch
 import torchvision
 
 from sfseg.models import create_backbone
-from sfseg.models.backbones import STAGES, remap_weights
+from sfseg.models.encoders import STAGES
+from sfseg.models.weights import remap_weights
 
-LOGGER = "sfseg.models.backbones"
+LOGGER = "sfseg.models.weights"
 
 
 @pytest.fixture(autouse=True)
@@ -324,3 +325,122 @@ def test_files_torch_refuses_to_unpickle_get_a_way_out(tmp_path: Path) -> None:
     torch.save({"state_dict": state, "best_mIoU": np.float64(0.45)}, tmp_path / "numpy.pth")
     with pytest.raises(ValueError, match=r"numpy\.pth.*weights_only=True.*save its state dict alone"):
         create_backbone("hrnet_w18_small", weights=str(tmp_path / "numpy.pth"))
+
+
+# --- DINOv2 and DINOv3: the official releases' layouts, read through timm's own converters ----------------
+
+
+def official_dino_block_shapes(depth: int, dim: int) -> dict[str, tuple]:
+    """The tensors of `depth` blocks of facebookresearch/dinov2's and dinov3's ViTs (layers/block.py: norm1,
+    attn.qkv, attn.proj, ls1 (LayerScale's gamma), norm2, mlp.fc1, mlp.fc2, ls2), with MLP ratio 4."""
+    shapes: dict[str, tuple] = {}
+    for index in range(depth):
+        block = f"blocks.{index}"
+        shapes |= {f"{block}.norm1.weight": (dim,), f"{block}.norm1.bias": (dim,)}
+        shapes |= {f"{block}.attn.qkv.weight": (3 * dim, dim), f"{block}.attn.qkv.bias": (3 * dim,)}
+        shapes |= {f"{block}.attn.proj.weight": (dim, dim), f"{block}.attn.proj.bias": (dim,)}
+        shapes |= {
+            f"{block}.ls1.gamma": (dim,),
+            f"{block}.norm2.weight": (dim,),
+            f"{block}.norm2.bias": (dim,),
+        }
+        shapes |= {f"{block}.mlp.fc1.weight": (4 * dim, dim), f"{block}.mlp.fc1.bias": (4 * dim,)}
+        shapes |= {f"{block}.mlp.fc2.weight": (dim, 4 * dim), f"{block}.mlp.fc2.bias": (dim,)}
+        shapes[f"{block}.ls2.gamma"] = (dim,)
+    return shapes
+
+
+def official_dinov2_shapes(
+    registers: int, dim: int = 384, depth: int = 12, patch: int = 14
+) -> dict[str, tuple]:
+    """dinov2_vits14_pretrain.pth (and _reg4_): DinoVisionTransformer(img_size=518, patch_size=14,
+    block_chunks=0) of dinov2/models/vision_transformer.py: a position embedding for 518x518 (37x37 patches)
+    that includes the class token, the register tokens apart, and the pretraining's mask token."""
+    grid = 518 // patch
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + grid * grid, dim), "mask_token": (1, dim)}
+    if registers:
+        shapes["register_tokens"] = (1, registers, dim)
+    shapes |= {"patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,)}
+    return shapes | official_dino_block_shapes(depth, dim) | {"norm.weight": (dim,), "norm.bias": (dim,)}
+
+
+def official_dinov3_shapes(dim: int = 384, depth: int = 12, heads: int = 6) -> dict[str, tuple]:
+    """dinov3_vits16_pretrain_lvd1689m-08c60483.pth: hub/backbones.py's dinov3_vits16, a
+    DinoVisionTransformer of dinov3/models/vision_transformer.py with 4 storage tokens, RoPE (a persistent
+    `periods` buffer of head_dim / 4, no position embedding) and mask_k_bias (each qkv's `bias_mask`)."""
+    shapes = {"cls_token": (1, 1, dim), "storage_tokens": (1, 4, dim), "mask_token": (1, dim)}
+    shapes |= {"patch_embed.proj.weight": (dim, 3, 16, 16), "patch_embed.proj.bias": (dim,)}
+    shapes["rope_embed.periods"] = (dim // heads // 4,)
+    shapes |= official_dino_block_shapes(depth, dim)
+    shapes |= {f"blocks.{index}.attn.qkv.bias_mask": (3 * dim,) for index in range(depth)}
+    return shapes | {"norm.weight": (dim,), "norm.bias": (dim,)}
+
+
+def assert_loads_completely(backbone, release_file: Path, caplog) -> dict[str, torch.Tensor]:
+    """Every tensor of the ViT loaded from the file (nothing missing or left over); the ViT's tensors."""
+    state = backbone.body.model.state_dict()
+    assert (
+        f"loaded {len(state)}/{len(state)} tensors from {release_file}; 0 head tensors dropped; 0 missing"
+        in caplog.text
+    )
+    return state
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_the_official_dinov2_release_loads_through_timms_converter(
+    registers: int, tmp_path: Path, caplog
+) -> None:
+    release = random_tensors(official_dinov2_shapes(registers))
+    release_file = tmp_path / (
+        "dinov2_vits14_reg4_pretrain.pth" if registers else "dinov2_vits14_pretrain.pth"
+    )
+    torch.save(release, release_file)
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        backbone = create_backbone(name, weights=str(release_file))
+    state = assert_loads_completely(backbone, release_file, caplog)
+    assert "0 unexpected" in caplog.text  # the mask token is the converter's to drop
+    for key in official_dino_block_shapes(12, 384):
+        assert torch.equal(state[key], release[key]), key
+    if registers:
+        # timm's register models keep no position for the class token: it is folded into the token.
+        assert torch.equal(state["reg_token"], release["register_tokens"])
+        assert torch.equal(state["cls_token"], release["cls_token"] + release["pos_embed"][:, :1])
+        assert torch.equal(state["pos_embed"], release["pos_embed"][:, 1:])
+    else:
+        assert (
+            torch.equal(state["pos_embed"], release["pos_embed"])
+            and state["pos_embed"].shape[1] == 1 + 37 * 37
+        )
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3_qkvb", "vit_small_patch16_dinov3"])
+def test_the_official_dinov3_release_loads_through_timms_converter(
+    name: str, tmp_path: Path, caplog, capsys
+) -> None:
+    release = random_tensors(official_dinov3_shapes())
+    release_file = tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    torch.save(release, release_file)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        backbone = create_backbone(name, weights=str(release_file))
+    state = assert_loads_completely(backbone, release_file, caplog)
+    assert torch.equal(state["reg_token"], release["storage_tokens"])
+    for index in (0, 11):
+        block = f"blocks.{index}"
+        assert torch.equal(state[f"{block}.gamma_1"], release[f"{block}.ls1.gamma"])
+        assert torch.equal(state[f"{block}.attn.qkv.weight"], release[f"{block}.attn.qkv.weight"])
+        query, _, value = release[f"{block}.attn.qkv.bias"].chunk(3)  # K's bias is masked to zero
+        if name.endswith("_qkvb"):
+            assert torch.equal(state[f"{block}.attn.q_bias"], query)
+            assert torch.equal(state[f"{block}.attn.v_bias"], value)
+    # timm's vit_small_patch16_dinov3 has no qkv bias (the distilled releases' are zero, timm notes): its
+    # converter skips the file's, saying so ("`q_bias` is not an nn.Parameter", once per block).
+    assert ("`q_bias` is not an nn.Parameter" in capsys.readouterr().out) is not name.endswith("_qkvb")
+
+
+def test_a_dinov2_release_of_another_size_is_refused_naming_the_file(tmp_path: Path) -> None:
+    torch.save(random_tensors(official_dinov2_shapes(0, dim=192, depth=12)), tmp_path / "vit_tiny.pth")
+    with pytest.raises(
+        ValueError, match=r"vit_tiny\.pth.*backbone 'vit_small_patch14_dinov2': \d+ tensors differ in shape"
+    ):
+        create_backbone("vit_small_patch14_dinov2", weights=str(tmp_path / "vit_tiny.pth"))

@@ -52,7 +52,7 @@ from sfseg.data.synthetic_context import (
     cue_coverage,
     draw_context_scene,
 )
-from sfseg.models.backbones import LocalResNet
+from sfseg.models.encoders import LocalResNet
 from sfseg.pyramid import level_strides
 from sfseg.sweeps import (
     add_focus_metrics,

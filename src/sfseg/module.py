@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -31,12 +32,17 @@ from sfseg.pyramid import (
 from sfseg.runs import plain
 
 DEFAULT_OPTIMIZER = {
+    "name": "sgd",
     "lr": 0.01,
-    "momentum": 0.9,
+    "momentum": 0.9,  # SGD's
+    "betas": (0.9, 0.999),  # AdamW's
     "weight_decay": 1e-4,
     "poly_power": 0.9,
     "head_lr_mult": 1.0,
+    "warmup_steps": 0,
+    "warmup_ratio": 1e-6,
 }
+OPTIMIZERS = ("sgd", "adamw")
 # HRNet-OCR's LOSS.BALANCE_WEIGHTS [0.4, 1]: the weight of its auxiliary head's CE (model.context.aux_weight).
 OCR_AUX_WEIGHT = 0.4
 
@@ -55,6 +61,57 @@ def semantic_loss(config: Mapping[str, Any] | None) -> Ohem | None:
             f"allowed: {sorted(allowed) or 'none'}"
         )
     return Ohem(**config) if name == "ohem" else None
+
+
+def optimizer_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """model.optimizer checked, over DEFAULT_OPTIMIZER: `name` sgd (with `momentum`) or adamw (with
+    `betas`), `lr` > 0 for the backbone and `head_lr_mult` times it for the heads, `weight_decay` >= 0,
+    the per-step poly schedule's `poly_power` >= 0, and a linear warmup over `warmup_steps` from
+    `warmup_ratio` times the scheduled lr (mmsegmentation's linear warmup; 0 steps: none)."""
+    unknown = set(config or {}) - set(DEFAULT_OPTIMIZER)
+    if unknown:
+        raise ValueError(
+            f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
+        )
+    config = {**DEFAULT_OPTIMIZER, **(config or {})}
+    if config["name"] not in OPTIMIZERS:
+        raise ValueError(f"model.optimizer.name={config['name']!r} is not one of {', '.join(OPTIMIZERS)}")
+    for key, low, low_included in [
+        ("lr", 0, False),
+        ("head_lr_mult", 0, True),
+        ("weight_decay", 0, True),
+        ("poly_power", 0, True),
+        ("warmup_ratio", 0, False),
+    ]:
+        value = config[key]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or value < low
+            or (value == low and not low_included)
+        ):
+            raise ValueError(
+                f"model.optimizer.{key} must be a number {'>=' if low_included else '>'} {low}, got {value!r}"
+            )
+    if config["warmup_ratio"] > 1:
+        raise ValueError(f"model.optimizer.warmup_ratio must be at most 1, got {config['warmup_ratio']!r}")
+    steps = config["warmup_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"model.optimizer.warmup_steps must be a whole number >= 0, got {steps!r}")
+    betas = config["betas"]
+    if len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1 for b in betas):
+        raise ValueError(f"model.optimizer.betas must be two numbers in [0, 1), got {betas!r}")
+    return config
+
+
+def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int, warmup_ratio: float) -> float:
+    """The lr at `step` over the base lr: the poly schedule (Sec. 5.1.1) max(1 - step/total, 0)^power,
+    during the first `warmup_steps` scaled by a linear ramp from `warmup_ratio` to 1 (mmsegmentation's
+    `warmup='linear'`: 1 - (1 - step/warmup_steps)(1 - warmup_ratio))."""
+    factor = max(1.0 - step / total_steps, 0.0) ** power
+    if step < warmup_steps:
+        factor *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return factor
 
 
 def auxiliary_weight(context: Mapping[str, Any]) -> float:
@@ -149,28 +206,26 @@ class SpecializeAndFuseModule(L.LightningModule):
         palette: Sequence[Sequence[int]] | None = None,
         label_values: Sequence[int] | Sequence[Sequence[int]] | None = None,
         fuse: Mapping[str, Any] | None = None,
+        decoder: Mapping[str, Any] | None = None,
         compile: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
-        backbone, context, relabel, optimizer, loss, fuse = (
+        backbone, context, relabel, optimizer, loss, fuse, decoder = (
             plain(backbone),
             plain(context),
             plain(relabel),
             plain(optimizer),
             plain(loss),
             plain(fuse),
+            plain(decoder),
         )
         policy = relabel["policy"]
         if policy not in RELABEL_POLICIES:
             raise ValueError(f"model.relabel.policy={policy!r} is not one of {', '.join(RELABEL_POLICIES)}")
         unity_logit_threshold(tau)  # validates model.tau early
-        unknown = set(optimizer or {}) - set(DEFAULT_OPTIMIZER)
-        if unknown:
-            raise ValueError(
-                f"model.optimizer has unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_OPTIMIZER)}"
-            )
+        self.optimizer_config = optimizer_config(optimizer)
         self.ohem = semantic_loss(loss)
         self.fuse_settings = fuse_config(fuse)
         self.aux_weight = auxiliary_weight(context)
@@ -180,7 +235,6 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.levels = levels
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.optimizer_config = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
         self.net = training_network(self.hparams)
         # Every training-free rule (and the net's learned one) is scored on the same pyramids.
         self.compared_rules = compared_rules(self.net)
@@ -275,9 +329,10 @@ class SpecializeAndFuseModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         config = self.optimizer_config
-        backbone_params = list(self.net.backbone.parameters())
+        # A frozen encoder's parameters need no gradient and are in no group (model.backbone.freeze).
+        backbone_params = [p for p in self.net.backbone.parameters() if p.requires_grad]
         gate_params = list(self.net.fuse_gate.parameters()) if self.net.fuse_gate is not None else []
-        own_groups = {id(p) for p in backbone_params + gate_params}
+        own_groups = {id(p) for p in self.net.backbone.parameters()} | {id(p) for p in gate_params}
         head_params = [p for p in self.net.parameters() if id(p) not in own_groups]
         groups = [
             {"params": backbone_params, "lr": config["lr"]},
@@ -289,17 +344,20 @@ class SpecializeAndFuseModule(L.LightningModule):
             groups.append(
                 {"params": gate_params, "lr": config["lr"] * self.fuse_settings.get("lr_mult", 1.0)}
             )
-        optimizer = torch.optim.SGD(
-            groups,
-            lr=config["lr"],
-            momentum=config["momentum"],
-            weight_decay=config["weight_decay"],
+        if config["name"] == "adamw":
+            optimizer = torch.optim.AdamW(
+                groups, lr=config["lr"], betas=tuple(config["betas"]), weight_decay=config["weight_decay"]
+            )
+        else:
+            optimizer = torch.optim.SGD(
+                groups, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+            )
+        schedule = partial(
+            lr_factor,
+            total_steps=max(int(self.trainer.estimated_stepping_batches), 1),
+            power=config["poly_power"],
+            warmup_steps=config["warmup_steps"],
+            warmup_ratio=config["warmup_ratio"],
         )
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        power = config["poly_power"]
-
-        def poly(step: int) -> float:  # per-iteration poly schedule (Sec. 5.1.1)
-            return max(1.0 - step / total_steps, 0.0) ** power
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

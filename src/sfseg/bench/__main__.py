@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "table (S&F on each and on the reference, hrnet_w48; --quick: hrnet_w18_small) instead of Table 5",
     )
     parser.add_argument(
+        "--frozen-memory",
+        help="with --backbones: comma list of its rows whose training step's peak memory to measure, the "
+        "encoder frozen and not (on CPU each in a fresh process)",
+    )
+    parser.add_argument(
         "--compile-check",
         action="store_true",
         help="measure model.compile and model.channels_last against eager (training step, dense and sparse "
@@ -80,6 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.variants = parse_variants(args.variants)
         args.backbones = parse_backbones(args.backbones) if args.backbones is not None else None
+        args.frozen_memory = parse_backbones(args.frozen_memory) if args.frozen_memory is not None else ()
     except ValueError as error:
         parser.error(str(error))
     if args.compile_check and args.backbones:
@@ -105,7 +111,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     device = torch.device(args.device)
     results = run(
-        cfg, device, args.quick, args.ckpt, args.profile, args.variants, args.backbones, args.compile_check
+        cfg,
+        device,
+        args.quick,
+        args.ckpt,
+        args.profile,
+        args.variants,
+        args.backbones,
+        args.frozen_memory,
+        args.compile_check,
     )
     write_results(args.out, results)
     print(to_markdown(results))

@@ -123,6 +123,15 @@ def count_gmacs(infer: Callable[[Tensor], object], images: Tensor) -> float:
     return counter.get_total_flops() / 2e9  # FlopCounterMode counts a multiply-add as 2 flops
 
 
+def count_gmacs_by_module(infer: Callable[[Tensor], object], images: Tensor) -> dict[str, float]:
+    """GMACs of one call in all ("Global") and per module, by FlopCounterMode's module names (the first
+    module called, then its attributes: "PyramidSegmenter.backbone.body")."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        infer(images)
+    return {module: sum(counts.values()) / 2e9 for module, counts in counter.get_flop_counts().items()}
+
+
 def count_params_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 

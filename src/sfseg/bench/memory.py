@@ -15,7 +15,9 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -31,9 +33,10 @@ def _proc_status_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
-    """Peak-RSS growth (MB) over the first inference (or training step) of a freshly built model, in
-    its own process, less the file-backed pages the call brought in (the library code it runs first).
+def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool, frozen: bool = False) -> float:
+    """Peak-RSS growth (MB) over the first inference (or training step) of a freshly built model (with
+    its encoder frozen: `frozen`), in its own process, less the file-backed pages the call brought in
+    (the library code it runs first).
 
     Linux: the peak (VmHWM, what ru_maxrss reports) is reset to the current RSS right before the
     call, because a process started by a big parent inherits the parent's ru_maxrss and would then
@@ -41,7 +44,7 @@ def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
     imports maps them anew where an exec'd one had them already (about 6 MB apart at --quick sizes);
     what the call allocates is the same in both. Elsewhere: the ru_maxrss difference.
     """
-    call = _first_call(case, cfg, train)
+    call = _first_call(case, cfg, train, frozen)
     gc.collect()
     clear_refs = Path("/proc/self/clear_refs")
     if not clear_refs.exists():
@@ -54,10 +57,10 @@ def cpu_peak_memory(case: Case, cfg: BenchConfig, train: bool) -> float:
     return _proc_status_mb("VmHWM") - before - (_proc_status_mb("RssFile") - file_before)
 
 
-def _first_call(case: Case, cfg: BenchConfig, train: bool) -> Callable[[], object]:
+def _first_call(case: Case, cfg: BenchConfig, train: bool, frozen: bool) -> Callable[[], object]:
     """A freshly built model's inference (or training step) of `case`, ready to run."""
     device = torch.device("cpu")
-    model = build_variant(case.variant, cfg).train(train)
+    model = build_variant(case.variant, cfg, frozen).train(train)
     if train:
         return training_call(model, case.variant, cfg, device)
     infer, images = inference_call(model, case, cfg, device), bench_images(cfg, device)
@@ -86,57 +89,74 @@ CPU_MEMORY_METHOD = (
 )
 
 
+class MemoryJob(NamedTuple):
+    """One CPU memory measurement: `case`'s inference or (train) training step, on `backbone` (None: the
+    configuration's) with its encoder frozen or not."""
+
+    case: Case
+    train: bool = False
+    backbone: str | None = None
+    frozen: bool = False
+
+
 def measure_cpu_memory(
     cases: list[Case], variants: tuple[str, ...], quick: bool
 ) -> dict[str, dict[str, float]]:
     """Peak RSS growth of each case's inference and each variant's training step, each in a fresh process
-    (`forked_peaks` in one child of this process, which imports the benchmark once)."""
-    jobs = [(case, False) for case in cases] + [(Case(variant), True) for variant in variants]
-    spec = [[case.variant, case.level_shares, train] for case, train in jobs]
+    (`cpu_memory_in_subprocesses`)."""
+    jobs = [MemoryJob(case) for case in cases] + [MemoryJob(Case(variant), True) for variant in variants]
+    peaks = cpu_memory_in_subprocesses(jobs, quick)
+    return {
+        "memory": {case.name: peak for case, peak in zip(cases, peaks[: len(cases)], strict=True)},
+        "train_memory": dict(zip(variants, peaks[len(cases) :], strict=True)),
+    }
+
+
+def cpu_memory_in_subprocesses(jobs: list[MemoryJob], quick: bool) -> list[float]:
+    """`cpu_peak_memory` of each job, each in a fresh process: one child of this process
+    (`python -m sfseg.bench --memory-children ...`) imports the benchmark once and forks them
+    (`forked_peaks`)."""
+    spec = [[job.case.variant, job.case.level_shares, job.train, job.backbone, job.frozen] for job in jobs]
     command = [sys.executable, "-m", "sfseg.bench", "--memory-children", json.dumps(spec)]
     command += [f"--threads={torch.get_num_threads()}", *(["--quick"] if quick else [])]
     # Large blocks are mmapped and unmapped on free, so memory freed while building the model does
     # not sit resident and get reused by the forward unseen.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    peaks = json.loads(done.stdout.strip().splitlines()[-1])
-    inference = len(cases)
-    return {
-        "memory": {case.name: peak for case, peak in zip(cases, peaks[:inference], strict=True)},
-        "train_memory": dict(zip(variants, peaks[inference:], strict=True)),
-    }
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def parse_memory_jobs(spec: str) -> list[tuple[Case, bool]]:
-    """--memory-children's JSON: [[variant, level shares or null, train], ...]."""
+def parse_memory_jobs(spec: str) -> list[MemoryJob]:
+    """--memory-children's JSON: [[variant, level shares or null, train, backbone or null, frozen], ...]."""
     return [
-        (Case(variant, tuple(shares) if shares else None), train)
-        for variant, shares, train in json.loads(spec)
+        MemoryJob(Case(variant, tuple(shares) if shares else None), train, backbone, frozen)
+        for variant, shares, train, backbone, frozen in json.loads(spec)
     ]
 
 
-def forked_peaks(jobs: list[tuple[Case, bool]], cfg: BenchConfig) -> list[float]:
-    """`cpu_peak_memory` of each (case, train) job, each in a process forked from this one, which has
-    imported the benchmark and built nothing: two inference jobs at once (one per core here), training
-    jobs one at a time (GBs each)."""
+def forked_peaks(jobs: list[MemoryJob], cfg: BenchConfig) -> list[float]:
+    """`cpu_peak_memory` of each job, each in a process forked from this one, which has imported the
+    benchmark and built nothing: two inference jobs at once (one per core here), training jobs one at
+    a time (GBs each)."""
     peaks: dict[int, float] = {}
     for train, at_once in ((False, 2), (True, 1)):
-        indices = [index for index, (_, job_trains) in enumerate(jobs) if job_trains == train]
+        indices = [index for index, job in enumerate(jobs) if job.train == train]
         for start in range(0, len(indices), at_once):
-            started = {index: _fork(jobs[index][0], cfg, train) for index in indices[start : start + at_once]}
+            started = {index: _fork(jobs[index], cfg) for index in indices[start : start + at_once]}
             peaks |= {index: _collect(*child) for index, child in started.items()}
     return [peaks[index] for index in range(len(jobs))]
 
 
-def _fork(case: Case, cfg: BenchConfig, train: bool) -> tuple[int, int]:
-    """A child that measures `case` and writes the peak to a pipe; (its pid, the pipe's read end)."""
+def _fork(job: MemoryJob, cfg: BenchConfig) -> tuple[int, int]:
+    """A child that measures `job` and writes the peak to a pipe; (its pid, the pipe's read end)."""
+    cfg = replace(cfg, backbone=job.backbone) if job.backbone else cfg
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: measure, write, exit without running the parent's cleanup
         os.close(read)
         status = 1
         try:
-            os.write(write, repr(cpu_peak_memory(case, cfg, train)).encode())
+            os.write(write, repr(cpu_peak_memory(job.case, cfg, job.train, job.frozen)).encode())
             status = 0
         except BaseException:
             traceback.print_exc()

@@ -29,10 +29,12 @@ def run(
     profile: bool = False,
     variants: tuple[str, ...] = MODEL_VARIANTS,
     backbones: tuple[str, ...] | None = None,
+    frozen_memory: tuple[str, ...] = (),
     compile_check: bool = False,
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
-    table alone; with `compile_check`, model.compile and model.channels_last against eager alone."""
+    table alone (with the training memory of the `frozen_memory` rows, frozen and not); with
+    `compile_check`, model.compile and model.channels_last against eager alone."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
         "meta": {
@@ -48,7 +50,7 @@ def run(
         }
     }
     if backbones:
-        results["backbones"] = bench_backbones(cfg, device, backbones)
+        results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
     elif compile_check:
         results["compile_check"] = bench_compile_check(compile_check_config(device, quick), device)
     else:

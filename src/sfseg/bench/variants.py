@@ -3,17 +3,23 @@ runs on them: one inference of a Table 5 case, one training step."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from sfseg import CONFIG_DIR
 from sfseg.bench.harness import TAU, BenchConfig, realistic_labels
 from sfseg.inference import image_logits
 from sfseg.inference.sparse import forced_unity, unity_logits_for_shares
-from sfseg.models import FCNHead, PyramidSegmenter, create_backbone
+from sfseg.models import BACKBONES, FCNHead, PyramidSegmenter, create_backbone
 from sfseg.module import auxiliary_weight, training_loss
 from sfseg.pyramid import FINEST_STRIDE, IGNORE_INDEX, build_targets
 
@@ -25,12 +31,47 @@ MODEL_VARIANTS = ("fcn", "sf_none", "sf_anl", "sf_anl_multi", "sf_c2f", "ocr", "
 PYRAMID_PREFIX = "sf_"
 
 
-class FCNBaseline(nn.Module):
-    """Backbone + FCNHead, logits upsampled to the image: the single-output inference path."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network of backbone `name` as the training config composes it (`python -m sfseg.train
+    model/backbone=<name>`, or model/backbone=timm model.backbone.name=<name> for a timm model, without an
+    experiment): its decoder (the paper's for sfseg's backbones, segformer for timm models), the heads'
+    widths that go with it, and a plain ViT's layers."""
 
-    def __init__(self, backbone: str, num_classes: int) -> None:
+    name: str
+    decoder: dict[str, Any]
+    semantic_channels: int
+    unity_channels: int
+    layers: list[int] | None = None
+
+
+@functools.cache
+def model_spec(name: str) -> ModelSpec:
+    overrides = [
+        "~experiment",
+        f"model/backbone={name if name in BACKBONES else 'timm'}",
+        f"model.backbone.name={name}",
+    ]
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        model = OmegaConf.to_container(compose("train", overrides=overrides).model)
+    return ModelSpec(
+        name,
+        model["decoder"],
+        model["semantic_channels"],
+        model["unity_channels"],
+        model["backbone"].get("layers"),
+    )
+
+
+class FCNBaseline(nn.Module):
+    """Backbone + FCNHead, logits upsampled to the image: the single-output inference path, on the same
+    encoder and decoder as the S&F variants (`model_spec`)."""
+
+    def __init__(self, spec: ModelSpec, num_classes: int, frozen: bool = False) -> None:
         super().__init__()
-        self.backbone = create_backbone(backbone)
+        self.backbone = create_backbone(spec.name, decoder=spec.decoder, layers=spec.layers, freeze=frozen)
         self.head = FCNHead(self.backbone.out_channels, num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -78,11 +119,22 @@ def parse_variants(text: str | None) -> tuple[str, ...]:
     return tuple(variant for variant in MODEL_VARIANTS if variant in asked | {"fcn"})
 
 
-def build_variant(name: str, cfg: BenchConfig) -> nn.Module:
+def build_variant(name: str, cfg: BenchConfig, frozen: bool = False) -> nn.Module:
+    """Variant `name` on cfg.backbone as the config builds it (`model_spec`); `frozen`: its encoder frozen."""
+    spec = model_spec(cfg.backbone)
     if name == "fcn":
-        return FCNBaseline(cfg.backbone, cfg.num_classes)
-    levels = cfg.num_levels if is_pyramid(name) else 1
-    return PyramidSegmenter(cfg.backbone, cfg.num_classes, levels, context=name.removeprefix(PYRAMID_PREFIX))
+        return FCNBaseline(spec, cfg.num_classes, frozen)
+    return PyramidSegmenter(
+        spec.name,
+        cfg.num_classes,
+        cfg.num_levels if is_pyramid(name) else 1,
+        context=name.removeprefix(PYRAMID_PREFIX),
+        unity_channels=spec.unity_channels,
+        semantic_channels=spec.semantic_channels,
+        decoder=spec.decoder,
+        layers=spec.layers,
+        freeze=frozen,
+    )
 
 
 def inference_call(
@@ -110,11 +162,13 @@ def training_call(
     """One training step (forward, loss, backward, SGD step) on a realistic label batch. FCN: cross
     entropy on the upsampled logits; the others: sfseg.module.training_loss as in training
     (relabel(true_positive), Eq. 1, OCR's auxiliary CE at its default weight), with the pyramid
-    targets built beforehand (the datamodule builds them with the batch)."""
+    targets built beforehand (the datamodule builds them with the batch). The optimizer holds what
+    trains (not a frozen encoder)."""
     gen = torch.Generator().manual_seed(4)
     images = torch.randn(cfg.train_batch, 3, cfg.train_size, cfg.train_size, generator=gen).to(device)
     labels = realistic_labels(cfg.train_batch, cfg.train_size, cfg.num_classes, seed=5).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trained, lr=0.01, momentum=0.9, weight_decay=1e-4)
     if variant != "fcn":
         targets = build_targets(labels, model.num_levels)
         aux_weight = auxiliary_weight({"name": variant.removeprefix(PYRAMID_PREFIX)})

@@ -136,6 +136,7 @@ class Evaluation:
         unity cells, mean predicted probability, observed share of unity cells) and the expected
         calibration error, as written to unity_calibration.json."""
         report = self.calibration.compute()
+        ece = report["ece"].reshape(-1)  # torchmetrics squeezes a one-element result (L=2) to a scalar
         strides = level_strides(self.pyramid.num_levels)
         return {
             "tau": self.tau,
@@ -147,7 +148,7 @@ class Evaluation:
                     "unity_cells": report["unity_cells"][level - 1].tolist(),
                     "mean_predicted": report["mean_predicted"][level - 1].tolist(),
                     "observed": report["observed"][level - 1].tolist(),
-                    "ece": float(report["ece"][level - 1]),
+                    "ece": float(ece[level - 1]),
                 }
                 for level in range(1, self.pyramid.num_levels)
             },

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sfseg.models.backbones import create_backbone
+from sfseg.models.backbones import create_backbone, paper_decoder
+from sfseg.models.decoders import decoder_config
 from sfseg.models.heads import FuseGate, SemanticHead, UnityHead
 from sfseg.pyramid import FINEST_STRIDE, FuseRule, kept_cells, level_strides
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,11 +61,14 @@ def fuse_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class PyramidSegmenter(nn.Module):
-    """Backbone (stride 4, D channels) with the unity head (D_u) and the semantic head (D_s).
+    """Backbone (stride 4, D channels: the decoder's width) with the unity head (D_u) and the semantic
+    head (D_s), whose context module works at D_s.
 
     num_levels=1 is the standard single output: no unity head, unity == []. fuse: the fuse rule
     (`pyramid.FuseRule`, or its name); `learned` adds the fuse gate (`FuseGate`, fuse_hidden_channels
     wide), whose level logits every forward returns. The net stores the rule; `pyramid.fuse` applies it.
+    decoder, layers, freeze: `backbones.create_backbone`'s (model.decoder, model.backbone.layers,
+    model.backbone.freeze); decoder None is the backbone's paper decoder.
     """
 
     def __init__(
@@ -76,12 +83,15 @@ class PyramidSegmenter(nn.Module):
         weights: str | None = None,
         fuse: FuseRule | str = "hard",
         fuse_hidden_channels: int = 32,
+        decoder: Mapping[str, Any] | None = None,
+        layers: Sequence[int] | None = None,
+        freeze: bool = False,
     ) -> None:
         super().__init__()
         coarsest_stride = level_strides(num_levels)[0]  # also validates num_levels
         self.num_levels = num_levels
         self.fuse_rule = FuseRule(fuse) if isinstance(fuse, str) else fuse
-        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.backbone = create_backbone(backbone, pretrained, weights, decoder, layers, freeze)
         # What the pyramid's cells and the backbone both need; evaluation and export pad to it.
         self.size_divisor = math.lcm(coarsest_stride, self.backbone.size_divisor)
         channels = self.backbone.out_channels
@@ -100,9 +110,21 @@ class PyramidSegmenter(nn.Module):
 
         load_backbone_weights=False skips the backbone's pretrained or local weights: a checkpoint's
         state dict replaces them anyway, and they may need a network or a file that is not there.
+        A checkpoint from before model/decoder has none: its backbone's paper decoder rebuilds it.
         """
         backbone = hparams["backbone"]
         fuse = fuse_config(hparams.get("fuse"))
+        decoder = decoder_config(hparams.get("decoder") or paper_decoder(backbone["name"]))
+        pretrained = load_backbone_weights and bool(backbone.get("pretrained", False))
+        weights = backbone.get("weights") if load_backbone_weights else None
+        freeze = backbone.get("freeze", False)
+        if not isinstance(freeze, bool):
+            raise ValueError(f"model.backbone.freeze must be true or false, got {freeze!r}")
+        if freeze and load_backbone_weights and not (pretrained or weights):
+            log.warning(
+                "model.backbone.freeze=true with neither model.backbone.pretrained nor model.backbone.weights: "
+                "the frozen encoder's features are random"
+            )
         return cls(
             backbone=backbone["name"],
             num_classes=hparams["num_classes"],
@@ -110,10 +132,13 @@ class PyramidSegmenter(nn.Module):
             context=hparams["context"]["name"],
             unity_channels=hparams.get("unity_channels", 64),
             semantic_channels=hparams.get("semantic_channels", 512),
-            pretrained=load_backbone_weights and bool(backbone.get("pretrained", False)),
-            weights=backbone.get("weights") if load_backbone_weights else None,
+            pretrained=pretrained,
+            weights=weights,
             fuse=FuseRule(fuse["name"], fuse.get("upsample")),
             fuse_hidden_channels=fuse.get("hidden_channels", 32),
+            decoder=decoder,
+            layers=backbone.get("layers"),
+            freeze=freeze,
         )
 
     def use_channels_last(self) -> PyramidSegmenter:
