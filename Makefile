@@ -39,7 +39,7 @@ ablation-quick: $(INSTALLED)
 mechanism: $(INSTALLED)
 	$(PY) -m sfseg.ablation --preset mechanism $(ARGS)
 
-# Does it work on this GPU node, and how fast? Five stages in <= 10 minutes, report in gpu_check/report.md
+# Does it work on this GPU node, and how fast? Six stages in <= 10 minutes, report in gpu_check/report.md
 # (docs/gpu.md, "First run on a GPU node"). E.g. make gpu-check ARGS="--minutes 15 --out gpu_check_a100".
 gpu-check: $(INSTALLED)
 	$(PY) -m sfseg.gpu_check $(ARGS)

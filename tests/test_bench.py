@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfseg.bench.__main__ import main
 from sfseg.bench.backbones import parse_backbones
-from sfseg.bench.harness import QUICK
+from sfseg.bench.harness import QUICK, count_gmacs, count_params_m
 from sfseg.bench.table5 import checkpoint_level_shares, model_cases, table5_rows
 from sfseg.bench.variants import MODEL_VARIANTS, Case, build_variant, model_spec, parse_variants
 from tests.test_eval import train_tiny_checkpoint
@@ -160,13 +158,19 @@ def test_table5_rows_divide_each_measure_by_fcns() -> None:
     assert fcn["latency_ratio"] == fcn["train_memory_ratio"] == 1.0
 
 
-def test_bench_refuses_a_missing_checkpoint(tmp_path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "sfseg.bench", "--quick", "--ckpt", str(tmp_path / "none.ckpt")],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 2 and "--ckpt" in done.stderr and "none.ckpt" in done.stderr
+def test_bench_refuses_a_missing_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--ckpt", str(tmp_path / "none.ckpt")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--ckpt" in error and "none.ckpt" in error
+    assert not (tmp_path / "bench").exists()  # refused before any work
+
+
+def test_gmacs_count_a_multiply_add_once() -> None:
+    """A 1x1 convolution of 3 to 8 channels over 16x16 pixels is 3 * 8 * 256 multiply-adds (no bias)."""
+    conv = torch.nn.Conv2d(3, 8, 1, bias=False)
+    assert count_gmacs(conv, torch.zeros(1, 3, 16, 16)) == pytest.approx(3 * 8 * 256 / 1e9, rel=1e-12)
+    assert count_params_m(conv) == pytest.approx(3 * 8 / 1e6)
 
 
 def test_variants_pick_rows_and_always_keep_fcn() -> None:

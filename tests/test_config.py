@@ -140,6 +140,8 @@ def test_unknown_group_option_lists_the_choices(run_dir: Path):
         ("model/fuse=learned model.levels=1", "model/fuse=learned needs model.levels >= 2"),
         ("model.fuse.upsample=cubic", "model.fuse.upsample='cubic' is not one of nearest, bilinear"),
         ("model/fuse=learned model.fuse.lr_mult=0", "model.fuse.lr_mult must be a number > 0, got 0"),
+        ("model.compile=yes", "model.compile='yes' is not one of true, false"),
+        ("model.channels_last=1", "model.channels_last=1 is not one of true, false"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(override: str, fragment: str, run_dir: Path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import sfseg
+from sfseg.bench.compile_check import SETTINGS
 from sfseg.gpu_check import runner
 from sfseg.gpu_check.__main__ import main
 from sfseg.gpu_check.runner import environment, run_checks
@@ -83,15 +84,29 @@ def test_tiny_check_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     # 4 steps: the loss at the start and the end are those of one step each.
     assert (steps[0]["loss"], steps[-1]["loss"]) == (training["loss_start"], training["loss_end"])
 
+    compiled = stages["compile"]["result"]
+    assert compiled["backbone"] == "local" and compiled["precision"] == "float32"
+    settings = {row["setting"]: row for row in compiled["rows"]}
+    assert list(settings) == list(SETTINGS)
+    assert all(value == 1.0 for key, value in settings["eager"].items() if key.endswith("_ratio"))
+    for row in settings.values():
+        assert row["agrees_dense"]["agrees"] and row["agrees_sparse"]["agrees"], row
+        assert row["train_step_ratio"] == pytest.approx(
+            row["train_step_ms"] / settings["eager"]["train_step_ms"]
+        )
+        assert min(row["train_step_first_s"], row["dense_first_s"], row["sparse_first_s"]) > 0
+    assert (out / "compile" / "results.md").is_file()
+
     mechanism = stages["mechanism"]["result"]
     assert mechanism["seeds"] == "0" and mechanism["steps"] == 2 and len(mechanism["goals"]) == 3
     assert Path(mechanism["report"]).is_file()
 
     markdown = (out / "report.md").read_text()
-    assert "**5 of 5 stages passed.**" in markdown
+    assert "**6 of 6 stages passed.**" in markdown
     for name in STAGE_LIMITS_S:
         assert f"| {name} | passed |" in markdown
     assert "| anl_multi | 4 |" in markdown and "| sf_c2f | sparse |" in markdown
+    assert "| compile+channels_last |" in markdown
     assert "### Goals" in markdown  # the mechanism report, embedded
 
 
@@ -146,8 +161,8 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
     monkeypatch.setattr(runner, "MIN_STAGE_S", 1)
     pid_file = tmp_path / "grandchild.pid"
     fake = [sys.executable, "-c", FAKE_STAGE, str(pid_file)]
-    # 9 s in all: environment and smoke end at once, table5 hangs until the budget runs out.
-    outcomes = run_checks(tmp_path, "cpu", True, 0.15, "python -m sfseg.gpu_check (fake stages)", fake)
+    # 6 s in all: environment and smoke end at once, table5 hangs until the budget runs out.
+    outcomes = run_checks(tmp_path, "cpu", True, 0.1, "python -m sfseg.gpu_check (fake stages)", fake)
 
     statuses = {outcome["name"]: outcome["status"] for outcome in outcomes}
     assert statuses == {
@@ -155,17 +170,18 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
         "smoke": "failed",
         "table5": "timed out",
         "training": "skipped",
+        "compile": "skipped",
         "mechanism": "skipped",
     }
     assert not alive(int(pid_file.read_text()))  # the hanging stage's own child was stopped too
     report = json.loads((tmp_path / "report.json").read_text())
     assert [stage["status"] for stage in report["stages"]] == list(statuses.values())
     markdown = (tmp_path / "report.md").read_text()
-    assert "**1 of 5 stages passed.**" in markdown
+    assert "**1 of 6 stages passed.**" in markdown
     (smoke,) = [outcome for outcome in outcomes if outcome["name"] == "smoke"]
     assert smoke["problems"] == [f"cannot import hydra_is_not_installed_here: {runner.INSTALL_HINT}"]
     assert "ModuleNotFoundError" in smoke["error"] and "ModuleNotFoundError" in markdown
-    assert "| table5 | timed out |" in markdown and "left of --minutes 0.15" in markdown
+    assert "| table5 | timed out |" in markdown and "left of --minutes 0.1" in markdown
 
 
 def test_the_environment_names_what_is_missing(monkeypatch) -> None:

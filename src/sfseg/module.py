@@ -128,6 +128,23 @@ def auxiliary_weight(context: Mapping[str, Any]) -> float:
     return float(weight)
 
 
+def training_network(hparams: Mapping[str, Any]) -> PyramidSegmenter:
+    """The network of the `model` config as training runs it: with model.channels_last, in that memory
+    format; with model.compile, its dense parts compiled. Both say how the network runs (its training
+    steps and validation), not what it is: a checkpoint holds the same keys either way, and
+    `sfseg.inference.load` builds the plain eager network from it."""
+    settings = {key: hparams.get(key, False) for key in ("compile", "channels_last")}
+    for key, value in settings.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"model.{key}={value!r} is not one of true, false")
+    net = PyramidSegmenter.from_hparams(hparams)
+    if settings["channels_last"]:
+        net.use_channels_last()
+    if settings["compile"]:
+        net.compile_dense()
+    return net
+
+
 def training_loss(
     out: PyramidOutput,
     targets: PyramidTargets,
@@ -190,6 +207,8 @@ class SpecializeAndFuseModule(L.LightningModule):
         label_values: Sequence[int] | Sequence[Sequence[int]] | None = None,
         fuse: Mapping[str, Any] | None = None,
         decoder: Mapping[str, Any] | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
@@ -216,7 +235,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.levels = levels
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-        self.net = PyramidSegmenter.from_hparams(self.hparams)
+        self.net = training_network(self.hparams)
         # Every training-free rule (and the net's learned one) is scored on the same pyramids.
         self.compared_rules = compared_rules(self.net)
         self.val_metrics = PyramidMetrics(

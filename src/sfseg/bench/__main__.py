@@ -2,6 +2,7 @@
 
     python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick] [--threads N] [--ckpt CKPT] [--profile]
                           [--variants fcn,sf_c2f,...] [--backbones convnext_tiny,vit_small_patch16_224,...]
+                          [--compile-check] [--training [--training-config "OVERRIDES"]...]
 
 Writes <out>/results.json and <out>/results.md with, measured side by side in one run:
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
@@ -20,6 +21,10 @@ list of its overrides; none: the embedded default, `make train`), piece by piece
 With --backbones, instead of (a)-(d), the Backbones table: the S&F model (L=4, c2f) on each named
 backbone (any model.backbone.name) and on the reference (hrnet_w48): parameters, GMACs of a dense
 inference, and the training step time relative to the reference's.
+With --compile-check, instead of (a)-(d), model.compile and model.channels_last against eager: each
+setting's training step and dense and sparse inference relative to eager, its first call (which holds
+the compilation) apart, and whether its output is eager's; on a CPU the embedded default's network at
+its training size (float32), on CUDA hrnet_w48 at 512x512 (bf16 autocast), with --quick a toy network.
 Times are medians over repeats after warm-up, with the variants interleaved (the order rotates
 every round) so that drift of the machine hits every variant alike.
 """
@@ -27,20 +32,20 @@ every round) so that drift of the machine hits every variant alike.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+import json
 from pathlib import Path
 
 import torch
 
 from sfseg.bench.backbones import parse_backbones
 from sfseg.bench.harness import QUICK, BenchConfig
-from sfseg.bench.memory import cpu_peak_memory
+from sfseg.bench.memory import forked_peaks, parse_memory_jobs
 from sfseg.bench.profiling import PROFILE_SHARE
 from sfseg.bench.results import run, to_markdown, write_results
-from sfseg.bench.variants import MODEL_VARIANTS, Case, parse_variants
+from sfseg.bench.variants import MODEL_VARIANTS, parse_variants
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfseg.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json/.md")
@@ -82,11 +87,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         help='sfseg.train overrides of one measured run, space-separated (e.g. "data.batch_size=16"); repeat it',
     )
-    parser.add_argument("--memory-child", choices=MODEL_VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--child-shares", help=argparse.SUPPRESS)
-    parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--child-backbone", help=argparse.SUPPRESS)
-    parser.add_argument("--child-frozen", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compile-check",
+        action="store_true",
+        help="measure model.compile and model.channels_last against eager (training step, dense and sparse "
+        "inference; CPU: the embedded default's network, CUDA: hrnet_w48 at 512x512 in bf16) instead of Table 5",
+    )
+    parser.add_argument("--memory-children", help=argparse.SUPPRESS)  # sfseg.bench.memory's own child
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.variants = parse_variants(args.variants)
@@ -94,7 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.frozen_memory = parse_backbones(args.frozen_memory) if args.frozen_memory is not None else ()
     except ValueError as error:
         parser.error(str(error))
-    if args.memory_child:
+    if sum(map(bool, (args.compile_check, args.backbones, args.training))) > 1:
+        parser.error(
+            "--compile-check, --backbones and --training each measure their own table instead of Table 5: give one"
+        )
+    if args.memory_children:
         return args
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -108,10 +124,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = QUICK if args.quick else BenchConfig()
-    if args.memory_child:
-        shares = tuple(float(share) for share in args.child_shares.split(",")) if args.child_shares else None
-        cfg = replace(cfg, backbone=args.child_backbone) if args.child_backbone else cfg
-        print(cpu_peak_memory(Case(args.memory_child, shares), cfg, args.child_train, args.child_frozen))
+    if args.memory_children:
+        print(json.dumps(forked_peaks(parse_memory_jobs(args.memory_children), cfg)))
         return None
     device = torch.device(args.device)
     training = [config.split() for config in args.training_config] or [[]] if args.training else None
@@ -124,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.variants,
         args.backbones,
         args.frozen_memory,
-        training=training,
+        args.compile_check,
+        training,
     )
     write_results(args.out, results)
     print(to_markdown(results))

@@ -21,7 +21,7 @@ from sfseg.bench.harness import (
     count_params_m,
     interleaved_medians,
 )
-from sfseg.bench.memory import cpu_memory_in_subprocess, cuda_peak_memory
+from sfseg.bench.memory import MemoryJob, cpu_memory_in_subprocesses, cuda_peak_memory
 from sfseg.bench.variants import (
     PYRAMID_PREFIX,
     Case,
@@ -96,22 +96,28 @@ def frozen_memory(
     names: tuple[str, ...], cfg: BenchConfig, device: torch.device, quick: bool, models: dict[str, nn.Module]
 ) -> dict[str, dict[str, float]]:
     """Peak memory (MB) of one training step, the encoder frozen and not: on CPU the peak RSS growth in a
-    fresh process each, one at a time; on CUDA torch.cuda.max_memory_allocated."""
+    fresh process each (training steps one at a time); on CUDA torch.cuda.max_memory_allocated."""
+    if device.type == "cpu":
+        jobs = [
+            MemoryJob(Case(BACKBONES_VARIANT), True, name, frozen)
+            for name in names
+            for frozen in (False, True)
+        ]
+        peaks = iter(cpu_memory_in_subprocesses(jobs, quick))
+        return {
+            name: {"train_memory_mb": next(peaks), "frozen_train_memory_mb": next(peaks)} for name in names
+        }
     measured = {}
     for name in names:
-        if device.type == "cuda":
-            train = {
-                frozen: training_call(
+        memory = {
+            frozen: cuda_peak_memory(
+                training_call(
                     models[name, frozen].train(), BACKBONES_VARIANT, replace(cfg, backbone=name), device
-                )
-                for frozen in (False, True)
-            }
-            memory = {frozen: cuda_peak_memory(step, device) for frozen, step in train.items()}
-        else:
-            memory = {
-                frozen: cpu_memory_in_subprocess(Case(BACKBONES_VARIANT), quick, True, name, frozen)
-                for frozen in (False, True)
-            }
+                ),
+                device,
+            )
+            for frozen in (False, True)
+        }
         measured[name] = {"train_memory_mb": memory[False], "frozen_train_memory_mb": memory[True]}
     return measured
 

@@ -46,17 +46,17 @@ class BenchConfig:
 
 QUICK = BenchConfig(
     label_batch=4,
-    label_size=128,
+    label_size=64,
     fuse_batch=4,
-    fuse_size=32,
+    fuse_size=16,
     backbone="hrnet_w18_small",
-    image_size=128,
+    image_size=64,
     repeats=3,
     warmup=1,
     model_repeats=2,
     model_warmup=1,
     shares=(0.5,),
-    train_size=128,
+    train_size=64,
     train_repeats=1,
 )
 

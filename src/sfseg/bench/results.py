@@ -13,6 +13,7 @@ import timm
 import torch
 
 from sfseg.bench.backbones import backbones_markdown, bench_backbones
+from sfseg.bench.compile_check import bench_compile_check, compile_check_config, compile_check_markdown
 from sfseg.bench.harness import BenchConfig, device_name
 from sfseg.bench.profiling import PROFILE_SHARE, profile_markdown, profile_table
 from sfseg.bench.pyramid_math import bench_fuse, bench_targets, pyramid_math_markdown
@@ -30,10 +31,12 @@ def run(
     variants: tuple[str, ...] = MODEL_VARIANTS,
     backbones: tuple[str, ...] | None = None,
     frozen_memory: tuple[str, ...] = (),
+    compile_check: bool = False,
     training: list[list[str]] | None = None,
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
-    table alone (with the training memory of the `frozen_memory` rows, frozen and not); with `training`
+    table alone (with the training memory of the `frozen_memory` rows, frozen and not); with
+    `compile_check`, model.compile and model.channels_last against eager alone; with `training`
     (lists of `sfseg.train` overrides), where those runs' time goes, alone."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
@@ -53,6 +56,8 @@ def run(
         results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
     elif training:
         results["training"] = [bench_training(overrides) for overrides in training]
+    elif compile_check:
+        results["compile_check"] = bench_compile_check(compile_check_config(device, quick), device)
     else:
         checkpoint_shares = checkpoint_level_shares(ckpt, cfg.num_levels, device) if ckpt else None
         results["targets"] = bench_targets(cfg, device)
@@ -81,6 +86,8 @@ def to_markdown(results: dict) -> str:
         return "\n".join(lines + backbones_markdown(results["backbones"], cfg))
     if "training" in results:
         return "\n".join(lines + training_markdown(results["training"]))
+    if "compile_check" in results:
+        return "\n".join(lines + compile_check_markdown(results["compile_check"]))
     lines += pyramid_math_markdown(results["targets"], results["fuse"], cfg["repeats"])
     lines += table5_markdown(results["models"], cfg, meta["checkpoint"])
     lines += profile_markdown(results.get("profile", {}))

@@ -17,7 +17,7 @@ from sfseg.bench.harness import (
     count_params_m,
     interleaved_medians,
 )
-from sfseg.bench.memory import cuda_peak_memory, measure_cpu_memory
+from sfseg.bench.memory import CPU_MEMORY_METHOD, cuda_peak_memory, measure_cpu_memory
 from sfseg.bench.variants import (
     MODEL_VARIANTS,
     Case,
@@ -137,10 +137,7 @@ def bench_models(
     gc.collect()  # the memory children need the memory more than we do
     if device.type == "cpu":
         measured |= measure_cpu_memory(cases, variants, quick)
-        method = (
-            "peak RSS growth (VmHWM = ru_maxrss, reset before) over the first call, each case in a fresh "
-            "process"
-        )
+        method = CPU_MEMORY_METHOD
     else:
         method = "torch.cuda.max_memory_allocated during the call minus the memory allocated before it"
     return {

@@ -1,6 +1,6 @@
 """Does sfseg work on this GPU node, and how fast? `python -m sfseg.gpu_check [--minutes 10] [--out gpu_check]`
 
-Runs five stages, each in its own process under its own time limit, all within --minutes; a stage that
+Runs six stages, each in its own process under its own time limit, all within --minutes; a stage that
 fails or runs out of time is reported and the others still run:
   environment  GPU, driver, CUDA, Python and the versions of the stack (and what is missing)
   smoke        every context module at L=1 and L=4: a bf16-autocast training step with finite loss and
@@ -9,6 +9,8 @@ fails or runs out of time is reported and the others still run:
                ratios to FCN beside the paper's Table 5
   training     100 bf16 steps of hrnet_w48 at 512x512 on the embedded data via `sfseg.train`: images/s,
                peak memory, loss at the start and end, the data loader's share of the step time
+  compile      `sfseg.bench --compile-check`: model.compile and model.channels_last against eager, a bf16
+               training step and inference of hrnet_w48 at 512x512, the compilation apart
   mechanism    the controlled experiment, `sfseg.ablation --preset mechanism` (fewer seeds when short)
 Writes <out>/report.md and <out>/report.json (after every stage), the stages' logs in <out>/logs/ and
 their own outputs in <out>/<stage>/. Exits 0 when every stage passed, 1 otherwise.

@@ -15,6 +15,7 @@ TITLES = {
     "smoke": "Smoke test: every context module under bf16 autocast; sparse == dense",
     "table5": "Table 5: the cost against FCN, beside the paper's",
     "training": "Training: bf16 steps on the embedded data",
+    "compile": "torch.compile and channels_last against eager (`sfseg.bench --compile-check`)",
     "mechanism": "The controlled experiment (`sfseg.ablation --preset mechanism`)",
 }
 
@@ -167,6 +168,30 @@ def training_markdown(result: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def compile_markdown(result: Mapping[str, Any]) -> list[str]:
+    lines = [
+        f"`{result['command']}` on {result['device_name']}: {result['network']} ({result['backbone']}, "
+        f"{result['num_classes']} classes, D_s={result['semantic_channels']}, D_u={result['unity_channels']}), "
+        f"{result['precision']}. Training step: batch {result['train_batch']}, {result['train_size']}x"
+        f"{result['train_size']}; inference: batch 1, {result['image_size']}x{result['image_size']}, dense and "
+        f"sparse ({result['sparse_share']} undecided). Medians with the settings interleaved, as ratios to "
+        "eager; a compiled setting's first call holds its compilation and is shown apart. Same output: "
+        f"fused logits, level maps and argmax against eager's (`fuse_agreement`). The full table: `{result['results']}`.",
+        "",
+        "| setting | train step vs eager | dense inference vs eager | sparse inference vs eager | "
+        "first call (s): train step | dense | same output |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in result["rows"]:
+        same = row["agrees_dense"]["agrees"] and row["agrees_sparse"]["agrees"]
+        lines.append(
+            f"| {row['setting']} | {row['train_step_ratio']:.2f}x | {row['dense_ratio']:.2f}x | "
+            f"{row['sparse_ratio']:.2f}x | {row['train_step_first_s']:.1f} | {row['dense_first_s']:.1f} | "
+            f"{'yes' if same else '**NO**'} |"
+        )
+    return lines
+
+
 def mechanism_markdown(result: Mapping[str, Any]) -> list[str]:
     return [
         f"`{result['command']}`: seeds {result['seeds']}, {result['steps'] or '?'} steps per job, in "
@@ -181,5 +206,6 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], list[str]]] = {
     "smoke": smoke_markdown,
     "table5": table5_markdown,
     "training": training_markdown,
+    "compile": compile_markdown,
     "mechanism": mechanism_markdown,
 }

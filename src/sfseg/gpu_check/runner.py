@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,13 +122,23 @@ def stage_result(name: str, device: str, sizes: CheckSizes, out: Path, seconds: 
     if name == "environment":
         result, problems = environment(device)
     else:
-        # Imported here, in the stage's own process: the parent runs without the stack these need.
-        from sfseg.gpu_check.stages import STAGE_FUNCTIONS
-
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        result, problems = STAGE_FUNCTIONS[name](sizes, torch.device(device), folder, seconds)
+        result, problems = stage_function(name)(sizes, torch.device(device), folder, seconds)
     return {"result": result, "problems": problems}
+
+
+def stage_function(name: str) -> Callable[[CheckSizes, torch.device, Path, float], tuple[dict, list[str]]]:
+    """Stage `name`'s function, imported in the stage's own process only: the parent runs without the
+    stack these need, and only the smoke stage needs the models in its own process (the others run
+    the project's commands)."""
+    if name == "smoke":
+        from sfseg.gpu_check.smoke import smoke
+
+        return smoke
+    from sfseg.gpu_check.stages import COMMAND_STAGES
+
+    return COMMAND_STAGES[name]
 
 
 def child_environment() -> dict[str, str]:

@@ -1,8 +1,7 @@
-"""The stages of `python -m sfseg.gpu_check` after the environment. Each runs in its own process
-(sfseg.gpu_check.runner) and returns (result, problems): what it measured, and what makes it fail.
-
-The Table 5, training and mechanism stages run the project's own commands (`sfseg.bench`, `sfseg.train`,
-`sfseg.ablation`) as a user would, and read what those write.
+"""The stages of `python -m sfseg.gpu_check` that run the project's own commands (`sfseg.bench`,
+`sfseg.train`, `sfseg.ablation`) as a user would, and read what those write: table5, training, compile,
+mechanism. Each runs in its own process (sfseg.gpu_check.runner) and returns (result, problems): what it
+measured, and what makes it fail. This module imports no model code, so a stage's process starts fast.
 """
 
 from __future__ import annotations
@@ -15,30 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sfseg.data.synthetic import SYNTHETIC_CLASSES, SyntheticScenes
-from sfseg.data.transforms import val_transform
 from sfseg.gpu_check.sizes import CheckSizes, workers
-from sfseg.inference import image_logits
-from sfseg.inference.sparse import even_level_shares, forced_unity, fuse_agreement, unity_logits_for_shares
-from sfseg.models import CONTEXT_MODULES, PyramidSegmenter
-from sfseg.module import auxiliary_weight, training_loss
-from sfseg.pyramid import FINEST_STRIDE, build_targets
 from sfseg.sweeps import load_job_config, write_report
 
-TAU = 0.9
-SMOKE_LEVELS = (1, 4)
-# One image each: no finest cell undecided, some, all (as tests/test_sparse.py forces them).
-SMOKE_SHARES = (0.0, 0.4, 1.0)
-# Sparse == dense within this share of the largest logit: float32 (TF32 off), and bf16 autocast.
-ATOL = {"float32": 1e-4, "bfloat16": 1e-2}
-# An untrained net's top two logits are often close: half the pixels clear of a near tie is enough here.
-MIN_CLEAR_SHARE = 0.5
 # Table 5 (RTX 2080 Ti, 512x512): testing FPS, training it/s, memory (GB), for the bench rows it has.
 # Its "HRNet48 + ANL" (26 / 2.2 / 8.6G) is single-output ANL, a model sfseg.bench has no row for.
 PAPER_TABLE5 = {
@@ -56,92 +39,6 @@ def run_command(command: Sequence[str], timeout: float | None = None) -> None:
     """Run one of the project's commands with this process's output; raise on an error or a timeout."""
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, timeout=timeout)
-
-
-def smoke_batch(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first len(SMOKE_SHARES) val scenes of the embedded data, normalised."""
-    scenes = SyntheticScenes("val", len(SMOKE_SHARES), (size, size), transform=val_transform(None))
-    items = [scenes[index] for index in range(len(scenes))]
-    images = torch.stack([item["image"] for item in items]).to(device)
-    return images, torch.stack([item["label"] for item in items]).to(device)
-
-
-def train_once(
-    net: PyramidSegmenter, context: str, images: torch.Tensor, labels: torch.Tensor
-) -> dict[str, Any]:
-    """Forward, training loss and backward under bf16 autocast: is everything finite?"""
-    net.train()
-    with torch.autocast(images.device.type, dtype=torch.bfloat16):
-        out = net(images)
-        targets = build_targets(labels, net.num_levels)
-        loss, _ = training_loss(
-            out, targets, "true_positive", TAU, aux_weight=auxiliary_weight({"name": context})
-        )
-    loss.backward()
-    gradients = [param.grad for param in net.parameters() if param.grad is not None]
-    return {
-        "loss": loss.item(),
-        "loss_finite": math.isfinite(loss.item()),
-        "gradients_finite": bool(gradients) and all(torch.isfinite(grad).all().item() for grad in gradients),
-    }
-
-
-def sparse_against_dense(net: PyramidSegmenter, images: torch.Tensor, precision: str) -> dict[str, Any]:
-    """image_logits sparse against dense with the unity pyramid forced to SMOKE_SHARES undecided cells."""
-    net.eval()
-    finest = (images.shape[-2] // FINEST_STRIDE, images.shape[-1] // FINEST_STRIDE)
-    shares = [even_level_shares(share, net.num_levels) for share in SMOKE_SHARES]
-    unity = unity_logits_for_shares(shares, finest, device=images.device)
-    bf16 = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-    with torch.inference_mode(), forced_unity(net, unity), bf16:
-        dense = image_logits(net, images, TAU, sparse=False)
-        sparse = image_logits(net, images, TAU, sparse=True)
-    atol = ATOL[precision] * dense[0].abs().max().item()
-    agreement = fuse_agreement(dense, sparse, atol, MIN_CLEAR_SHARE)
-    return {**asdict(agreement), "agrees": agreement.agrees}
-
-
-def smoke(sizes: CheckSizes, device: torch.device, folder: Path, seconds: float) -> tuple[dict, list[str]]:
-    """Every context module at L=1 and L=4: a bf16 training step, then sparse == dense inference."""
-    # Full float32 for the float32 comparison: it checks the sparse path, not TF32's rounding.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    images, labels = smoke_batch(sizes.smoke_size, device)
-    cases, problems = [], []
-    for context in sorted(CONTEXT_MODULES):
-        for levels in SMOKE_LEVELS:
-            torch.manual_seed(0)
-            net = PyramidSegmenter(
-                sizes.smoke_backbone,
-                len(SYNTHETIC_CLASSES),
-                levels,
-                context,
-                sizes.unity_channels,
-                sizes.semantic_channels,
-            ).to(device)
-            case = {"context": context, "levels": levels, **train_once(net, context, images, labels)}
-            case |= {precision: sparse_against_dense(net, images, precision) for precision in ATOL}
-            cases.append(case)
-            name = f"{context} at L={levels}"
-            if not (case["loss_finite"] and case["gradients_finite"]):
-                problems.append(f"{name}: non-finite loss or gradients under bf16 autocast")
-            problems += [
-                f"{name}: sparse != dense in {precision}"
-                for precision in ATOL
-                if not case[precision]["agrees"]
-            ]
-            print(f"smoke: {name} done", flush=True)
-    result = {
-        "backbone": sizes.smoke_backbone,
-        "size": sizes.smoke_size,
-        "batch": len(SMOKE_SHARES),
-        "num_classes": len(SYNTHETIC_CLASSES),
-        "shares": list(SMOKE_SHARES),
-        "atol_float32": ATOL["float32"],
-        "atol_bfloat16": ATOL["bfloat16"],
-        "min_clear_share": MIN_CLEAR_SHARE,
-        "cases": cases,
-    }
-    return result, problems
 
 
 def paper_ratios(variant: str) -> dict[str, float | None]:
@@ -182,6 +79,26 @@ def table5(sizes: CheckSizes, device: torch.device, folder: Path, seconds: float
         "bench": bench,
         "rows": rows,
     }, problems
+
+
+def compile_stage(
+    sizes: CheckSizes, device: torch.device, folder: Path, seconds: float
+) -> tuple[dict, list[str]]:
+    """`sfseg.bench --compile-check` on this device: model.compile and model.channels_last against eager
+    (on CUDA hrnet_w48 at 512x512 in bf16); a setting whose output is not eager's is a problem."""
+    command = [sys.executable, "-m", "sfseg.bench", "--device", device.type, "--out", str(folder)]
+    command += ["--compile-check", *(["--quick"] if sizes.bench_quick else [])]
+    run_command(command)
+    results = json.loads((folder / "results.json").read_text())
+    check = results["compile_check"]
+    problems = [
+        f"{row['setting']}: {path} inference differs from eager's"
+        for row in check["rows"]
+        for path in ("dense", "sparse")
+        if not row[f"agrees_{path}"]["agrees"]
+    ]
+    result = {"command": " ".join(command[1:]), "results": str(folder / "results.md")}
+    return result | {"device_name": results["meta"]["device_name"]} | check, problems
 
 
 def training_overrides(sizes: CheckSizes, device: torch.device, folder: Path) -> list[str]:
@@ -312,9 +229,10 @@ def partial_mechanism(folder: Path, result: dict[str, Any], jobs: int) -> tuple[
     return result, problems
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[CheckSizes, torch.device, Path, float], tuple[dict, list[str]]]] = {
-    "smoke": smoke,
+StageFunction = Callable[[CheckSizes, torch.device, Path, float], tuple[dict, list[str]]]
+COMMAND_STAGES: dict[str, StageFunction] = {
     "table5": table5,
     "training": training,
+    "compile": compile_stage,
     "mechanism": mechanism,
 }

@@ -27,6 +27,11 @@ from sfseg.pyramid import repeat_cells
 
 # Far beyond the decision threshold logit(tau) of any tau in use, on either side.
 FORCED_LOGIT = 20.0
+# Two runs of one network give the same output when their logits lie within this share of the largest
+# logit: float32 (TF32 off) sums in another order, or bf16 autocast's rounding.
+SAME_OUTPUT_ATOL = {"float32": 1e-4, "bfloat16": 1e-2}
+# An untrained net's top two logits are often close: half the pixels clear of a near tie is enough there.
+UNTRAINED_MIN_CLEAR_SHARE = 0.5
 
 
 @contextlib.contextmanager

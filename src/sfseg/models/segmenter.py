@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sfseg.models.backbones import create_backbone, paper_decoder
@@ -101,6 +102,7 @@ class PyramidSegmenter(nn.Module):
             if self.fuse_rule.trained
             else None
         )
+        self.channels_last = False  # use_channels_last() sets it
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], load_backbone_weights: bool = True) -> PyramidSegmenter:
@@ -139,8 +141,25 @@ class PyramidSegmenter(nn.Module):
             freeze=freeze,
         )
 
+    def use_channels_last(self) -> PyramidSegmenter:
+        """model.channels_last: the parameters and buffers, and from now on every input of forward and
+        sparse_forward, in torch.channels_last (NHWC) memory format. The state dict keeps its keys and
+        values; only their layout in memory changes."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
+
+    def compile_dense(self) -> PyramidSegmenter:
+        """model.compile: torch.compile each part of the dense forward (backbone, unity head, semantic head
+        with its context module, the learned fuse's gate) in place (nn.Module.compile), so the state dict
+        keeps its keys (no `_orig_mod.`). sparse_forward runs the compiled backbone and unity head, and its
+        per-cell semantic work eagerly. Compilation happens at the first call of each part."""
+        for part in (self.backbone, self.unity_head, self.semantic_head, self.fuse_gate):
+            if part is not None:
+                part.compile()
+        return self
+
     def forward(self, images: Tensor) -> PyramidOutput:
-        self._check_size(images)
+        images = self._prepare(images)
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
         semantic, auxiliary = self.semantic_head(features)
@@ -160,7 +179,7 @@ class PyramidSegmenter(nn.Module):
             )
         if self.training:
             raise RuntimeError("sparse_forward is for inference: call .eval() first (batch norm statistics)")
-        self._check_size(images)
+        images = self._prepare(images)
         features = self.backbone(images)
         unity = self.unity_head(features) if self.unity_head is not None else []
         projected, auxiliary = self.semantic_head.context_inputs(features)
@@ -170,6 +189,11 @@ class PyramidSegmenter(nn.Module):
         kept = kept_cells(unity, finest, tau, images.device)
         semantic = self.semantic_head.sparse_forward(projected, kept, auxiliary)
         return PyramidOutput(semantic=semantic, unity=unity, auxiliary=auxiliary)
+
+    def _prepare(self, images: Tensor) -> Tensor:
+        """The images checked for size, in the network's memory format."""
+        self._check_size(images)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _check_size(self, images: Tensor) -> None:
         height, width = images.shape[-2:]
