@@ -197,7 +197,7 @@ def test_a_compiled_runs_checkpoint_loads_evaluates_predicts_and_exports(
 ) -> None:
     """A training run with both settings (in process: its compiled graphs are those of the bench's toy
     network), then its checkpoint through sfseg.inference as any checkpoint goes."""
-    overrides = ["model/backbone=local", "model.compile=true", "model.channels_last=true"]
+    overrides = ["model/backbone=local", "model.levels=2", "model.compile=true", "model.channels_last=true"]
     # As many pictures as a validation batch: the pictures reuse the validation's compiled graph.
     trained = train(compose_config([*TINY, *overrides, "num_pyramid_images=4"], run_dir))
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
