@@ -55,7 +55,7 @@ def run(
     if backbones:
         results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
     elif training:
-        results["training"] = [bench_training(overrides) for overrides in training]
+        results["training"] = [bench_training(overrides, quick) for overrides in training]
     elif compile_check:
         results["compile_check"] = bench_compile_check(compile_check_config(device, quick), device)
     else:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -77,7 +76,7 @@ def loader_seconds(datamodule: Any, batch_size: int, repeats: int) -> dict[str, 
 def step_seconds(model: Any, datamodule: Any, batch: dict, warmup: int, repeats: int) -> dict[str, float]:
     """Median seconds of each part of a training step, on one batch, in the model's training mode."""
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)  # the module's kind of step
+    optimizer = model.build_optimizer()  # the run's own kind of step (model.optimizer.name)
     samples: dict[str, list[float]] = {part: [] for part in STEP_PARTS}
     for index in range(warmup + repeats):
         marks = [time.perf_counter()]
@@ -119,10 +118,9 @@ def startup_seconds(repeats: int = 3) -> float:
     return _median_seconds(lambda: subprocess.run(command, check=True), repeats)
 
 
-def bench_training(
-    overrides: Sequence[str], warmup: int = 2, repeats: int = 10, startup_repeats: int = 3
-) -> dict[str, Any]:
-    """Each piece of a training run's time, and the run's time projected from them."""
+def bench_training(overrides: Sequence[str], quick: bool = False) -> dict[str, Any]:
+    """Each piece of a training run's time (medians; `quick`: of fewer repeats), for the projection."""
+    warmup, repeats, startup_repeats = (1, 2, 1) if quick else (2, 10, 3)
     with tempfile.TemporaryDirectory() as folder:
         cfg = training_config(overrides, Path(folder))
         datamodule, model, _ = build(cfg)
