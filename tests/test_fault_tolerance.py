@@ -86,7 +86,7 @@ def test_sigterm_then_sigkill_then_resume_runs_every_step_once(tmp_path: Path):
     assert checkpoint_step(last) == MAX_STEPS
 
     # The poly schedule went on where it stopped rather than starting again from the base lr.
-    lr_column = next(key for key in rows[killed_at] if key.startswith("lr-SGD"))
+    lr_column = next(key for key in rows[killed_at] if key.startswith("lr-"))
     base_lr = float(logged(run_dir, "attempt1")[0][lr_column])
     assert float(rows[killed_at][lr_column]) == pytest.approx(base_lr * (1 - killed_at / MAX_STEPS) ** 0.9)
 

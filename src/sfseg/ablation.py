@@ -14,7 +14,7 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
       The levels sweep runs without a context module here (the regime's), the paper's with c2f.
   mechanism_fuse, fuse_default  the fuse rules (docs/fuse.md) on the same pyramids: L=4 jobs that train
       the learned fuse's gate (model/fuse=learned; the gate reads the pyramids detached, so they train as
-      under Eq. 2), seeds 0,1,2, in the controlled experiment and on the embedded default (900 steps).
+      under Eq. 2), seeds 0,1,2, in the controlled experiment and on the embedded default (750 steps).
       Every job scores hard, soft and learned, level 1 alone, the best single level and the oracle fuse;
       the report checks each rule against level 1 alone and against hard.
   mechanism_table6_twins  Table 6 (seeds 0,1,2) on scenes that hold both twins of each pair in every

@@ -48,7 +48,8 @@ class CompileCheckConfig:
     settings: tuple[str, ...] = tuple(SETTINGS)
 
 
-# On a CPU: the network `make train` trains (conf/experiment/synthetic.yaml) at its training size.
+# On a CPU: the network `make train` trains (conf/experiment/synthetic.yaml) at its 128 px, with the
+# previous default's batch of 16 that docs/bench/compile_check.md was measured at (`make train`: 8).
 EMBEDDED = CompileCheckConfig(
     "the embedded default's network (what `make train` trains)",
     replace(
