@@ -33,6 +33,7 @@ LIBRARY_LAYERS = (
     (
         "sfseg.inference",
         "sfseg.module",
+        "sfseg.builder",
         "sfseg.runs",
         "sfseg.callbacks",
         "sfseg.sweeps",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,13 @@ import sfseg.eval  # noqa: F401  (registers eval's default data, data=checkpoint
 from sfseg.cli import EXPECTED, expectation, missing_keys, short_errors
 from sfseg.data.validate import main as validate_main
 from tests.conftest import CONF_DIR, compose_config
+from tests.processes import run_module
 
 ENV = {key: value for key, value in os.environ.items() if key != "HYDRA_FULL_ERROR"}
 
 
 def run_command(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *overrides],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module(module, *overrides, cwd=cwd, env=ENV, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sfseg.train import build
+from sfseg.builder import build
 from tests.conftest import CONF_DIR, TINY, compose_config
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sfseg.builder import build
 from sfseg.models import PyramidSegmenter, build_context
 from sfseg.models.context import CrissCrossAttention, CrissCrossContext, ObjectContext, object_centres
 from sfseg.pyramid import build_targets, pyramid_loss, semantic_ce
-from sfseg.train import build
 from tests.conftest import TINY, compose_config
 
 SMALL = "hrnet_w18_small"

@@ -524,7 +524,7 @@ TWO_STEPS = [
 
 def train_two_steps(data_overrides: list[str], run_dir: Path) -> SpecializeAndFuseModule:
     """The trained module of `python -m sfseg.train <data_overrides> <TWO_STEPS>`, run in this process."""
-    from sfseg.train import build as build_run
+    from sfseg.builder import build as build_run
 
     datamodule_, model, trainer = build_run(compose_config([*data_overrides, *TWO_STEPS], run_dir))
     trainer.fit(model, datamodule=datamodule_)
@@ -557,7 +557,7 @@ NETWORK_DIVISORS = {
 
 @pytest.mark.parametrize("case", NETWORK_DIVISORS)
 def test_validation_images_are_padded_to_the_networks_divisor(case: str, tmp_path: Path, run_dir: Path):
-    from sfseg.train import build as build_run
+    from sfseg.builder import build as build_run
 
     backbone, levels, divisor, width = NETWORK_DIVISORS[case]
     overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", f"model.levels={levels}"]
@@ -574,7 +574,7 @@ def test_validation_images_are_padded_to_the_networks_divisor(case: str, tmp_pat
 
 
 def test_crop_size_must_fit_the_networks_divisor(tmp_path: Path, run_dir: Path):
-    from sfseg.train import build as build_run
+    from sfseg.builder import build as build_run
 
     # 48 is a multiple of L=1's coarsest stride 4, not of HRNet's 32.
     overrides = ["data=ade20k", f"data.root={build('ade20k', tmp_path)}", "model.levels=1", *TWO_STEPS]

@@ -17,9 +17,10 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import read_write
 
+from sfseg.builder import build
 from sfseg.data.datamodule import SyntheticDataModule
 from sfseg.module import SpecializeAndFuseModule
-from sfseg.train import build, check_global_batch, check_processes
+from sfseg.train import check_global_batch, check_processes
 from tests.conftest import TINY, compose_config
 from tests.test_eval import run_eval
 from tests.test_reproducibility import one_thread, run_train
@@ -43,6 +44,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"hydra.run.dir={run_dir}",
         cwd=root,
         env={"MASTER_PORT": str(free_port())},  # its own rendezvous port: other DDP runs may be going on
+        fresh=True,  # Lightning starts rank 1 as `python -m sfseg.train ...`: rank 0 is the same
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir

@@ -5,10 +5,11 @@ override and the tau sweep, the unity calibration)."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,13 @@ from sfseg.models import PyramidOutput
 from sfseg.visualize import denormalize
 from tests.conftest import TINY, compose_config
 from tests.fixtures import make_ade20k
+from tests.processes import run_module
 from tests.test_reproducibility import run_train
 
 # The tiny run with the learned fuse (tests/test_export.py exports the same run).
-LEARNED = ("model/fuse=learned",)
+# The learned fuse's gate reads the pyramids whatever made them: the small `local` backbone keeps its
+# checkpoint's training and ONNX export (tests/test_export.py) cheap.
+LEARNED = ("model/fuse=learned", "model/backbone=local")
 # The data part of the tiny training run: eval must see the same validation images.
 TINY_DATA = [override for override in TINY if override.startswith("data.")]
 EVAL_FILES = (
@@ -47,18 +51,15 @@ EVAL_FILES = (
 
 
 def train_tiny_checkpoint(base: Path, *overrides: str, name: str = "tiny_run") -> Path:
-    """A training run folder of the tiny synthetic run with `overrides`, in base/name (trained once per
-    test session, then reused)."""
-    run_dir = base / name
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        result = subprocess.run(
-            [sys.executable, "-m", "sfseg.train", *TINY, *overrides, f"hydra.run.dir={run_dir}"],
-            cwd=base,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    """A training run folder of the tiny synthetic run with `overrides`, trained once per test session
+    and reused: `base` is tmp_path_factory.getbasetemp(); pytest-xdist's workers share its parent."""
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    run_dir = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker trains, the other waits and reuses it
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            result = run_module("sfseg.train", *TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=shared)
+            assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
 
@@ -192,18 +193,12 @@ def read_outputs(folder: Path) -> tuple[dict, dict, list[dict]]:
 @pytest.mark.slow
 def test_eval_cli_whole_image_reproduces_the_validation_of_training(trained_run: Path):
     trained = json.loads((trained_run / "metrics.json").read_text())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sfseg.eval",
-            f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
-            *TINY_DATA,
-        ],
+    result = run_module(  # a new interpreter, as a user starts it (the other eval runs are forked)
+        "sfseg.eval",
+        f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}",
+        *TINY_DATA,
         cwd=trained_run.parent,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        fresh=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics, specialization, rows = read_outputs(trained_run / "eval")  # <run folder>/eval by default
@@ -400,13 +395,7 @@ def test_eval_refuses_a_model_or_data_that_does_not_match_the_checkpoint(trained
 
 
 def run_eval(ckpt: Path, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sfseg.eval", f"ckpt_path={ckpt}", "eval.device=cpu", *overrides],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("sfseg.eval", f"ckpt_path={ckpt}", "eval.device=cpu", *overrides, cwd=cwd)
 
 
 def fixture_run_overrides(dataset: str, root: Path) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,7 @@ from tests.fixtures import (
     write_image,
     write_label,
 )
+from tests.processes import run_module
 from tests.test_datasets import TWO_STEPS, run_validate, train_two_steps
 from tests.test_predict import untrained_checkpoint
 from tests.test_reproducibility import ENV
@@ -359,9 +359,7 @@ def test_a_checkpoint_keeps_names_palette_and_label_values(label_values: list, m
 
 
 def sfseg(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600
-    )
+    result = run_module(*args, cwd=cwd, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sfseg
-from sfseg.bench.compile_check import SETTINGS
+from sfseg.bench.compile_check import TOY
 from sfseg.gpu_check import runner
 from sfseg.gpu_check.__main__ import main
 from sfseg.gpu_check.runner import environment, run_checks
@@ -87,7 +87,7 @@ def test_tiny_check_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     compiled = stages["compile"]["result"]
     assert compiled["backbone"] == "local" and compiled["precision"] == "float32"
     settings = {row["setting"]: row for row in compiled["rows"]}
-    assert list(settings) == list(SETTINGS)
+    assert list(settings) == list(TOY.settings)
     assert all(value == 1.0 for key, value in settings["eager"].items() if key.endswith("_ratio"))
     for row in settings.values():
         assert row["agrees_dense"]["agrees"] and row["agrees_sparse"]["agrees"], row

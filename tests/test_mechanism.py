@@ -43,6 +43,7 @@ from sfseg.models.encoders import LocalResNet
 from sfseg.module import training_loss
 from sfseg.runs import resolved_config
 from tests.conftest import TINY, compose_config
+from tests.processes import run_module
 from tests.test_reproducibility import ENV
 
 LOOK_ALIKE_IDS = [CONTEXT_CLASSES.index(name) for name in LOOK_ALIKE_CLASSES]
@@ -498,10 +499,10 @@ def exclude_keys(command: list[str]) -> list[str]:
 TINY_MECHANISM = [*check_sizes.TINY_MECHANISM, "data.num_workers=0", "trainer.enable_progress_bar=false"]
 
 
-def run_ablation(cwd: Path, *args: str) -> None:
-    """`python -m sfseg.ablation ARGS` in a subprocess, as a user runs it."""
-    command = [sys.executable, "-m", "sfseg.ablation", *args]
-    result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def run_ablation(cwd: Path, *args: str, fresh: bool = False) -> None:
+    """`python -m sfseg.ablation ARGS` as a user runs it (forked, or `fresh`: tests/processes.py); it starts
+    its sweep as `python -m sfseg.train -m ...` in a new interpreter itself."""
+    result = run_module("sfseg.ablation", *args, cwd=cwd, env=ENV, fresh=fresh)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -550,6 +551,7 @@ def test_mechanism_preset_end_to_end(tmp_path: Path):
         str(out),
         *TINY_MECHANISM,
         "data.data_seed=3",
+        fresh=True,  # sfseg.ablation's test in a new interpreter
     )
     jobs = sorted(path.parent for path in out.glob("*/metrics.json"))
     assert len(jobs) == 4

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from sfseg.builder import build
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX, Ohem, build_targets, ohem_keep, pyramid_loss, semantic_ce
-from sfseg.train import build
 from tests.conftest import TINY, compose_config
 
 

@@ -5,8 +5,6 @@ palettes, and clear errors for files that are not images and outputs inside the 
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from sfseg.data.datasets import NotAnImageError, decode_rgb
 from sfseg.inference import load
 from sfseg.module import SpecializeAndFuseModule
 from sfseg.predict import run
+from tests.processes import run_module
 from tests.test_eval import train_tiny_checkpoint
 
 OUTPUT_KINDS = ("mask", "overlay", "levels")
@@ -81,19 +80,12 @@ def test_predict_folder_writes_pictures_for_every_image_and_reports_the_rest(
 ):
     sizes = write_images(tmp_path / "in")
     output = tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sfseg.predict",
-            f"ckpt_path={checkpoint}",
-            f"input={tmp_path / 'in'}",
-            f"output={output}",
-        ],
+    result = run_module(
+        "sfseg.predict",
+        f"ckpt_path={checkpoint}",
+        f"input={tmp_path / 'in'}",
+        f"output={output}",
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert result.returncode != 0  # a bad file in the folder fails the command, after the others
     assert "not an image" in result.stderr and str(tmp_path / "in" / "notes.txt") in result.stderr

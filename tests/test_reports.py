@@ -23,6 +23,7 @@ from sfseg.sweeps import (
     mean_and_spread,
     mechanism_goals,
     per_class_markdown,
+    selects,
     summarize,
     table9_markdown,
     to_markdown,
@@ -403,3 +404,13 @@ def test_report_by_levels_with_a_focus_group(goals_met_sweep: Path):
         "| 1 | 2 | 55.00 ± 7.07 | 55.00 ± 7.07 | 32.50 ± 10.61 | 32.50 ± 10.61 |",
         "| 4 | 2 | 92.50 ± 10.61 | 55.56 ± 0.00 | 88.75 ± 15.91 | 33.33 ± 0.00 |",
     ]
+
+
+def test_a_layout_takes_a_job_whatever_the_yaml_type_of_its_values() -> None:
+    """A layout written by hand may quote what the job's config holds as a number (or the reverse):
+    `where` values compare as text, so "4" takes a job of model.levels=4 and "1" does not."""
+    run = {"config": {"model": {"levels": 4, "tau": 0.9, "context": {"name": "c2f"}}}}
+    assert selects({"where": {"model.levels": "4", "model.tau": "0.9", "model.context.name": "c2f"}}, run)
+    assert selects({"where": {"model.levels": 4}}, {"config": {"model": {"levels": "4"}}})
+    assert not selects({"where": {"model.levels": "1"}}, run)
+    assert selects({"name": "no condition"}, run)

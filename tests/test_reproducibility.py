@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from tests.conftest import TINY
+from tests.processes import Forked, run_module, start_module
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +31,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def start_train(*overrides: str, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    """`python -m sfseg.train <overrides>` in the background, output captured; `env` adds variables."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "sfseg.train", *overrides],
-        cwd=cwd,
-        env={**ENV, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_train(
+    *overrides: str, cwd: Path, env: Mapping[str, str] | None = None, fresh: bool = False
+) -> Forked | subprocess.Popen:
+    """`python -m sfseg.train <overrides>` in the background, output captured; `env` adds variables;
+    `fresh`: a new interpreter rather than a fork of this one (tests/processes.py)."""
+    return start_module("sfseg.train", *overrides, cwd=cwd, env={**ENV, **(env or {})}, fresh=fresh)
 
 
 def run_train(
-    *overrides: str, cwd: Path, timeout: float = 600, env: Mapping[str, str] | None = None
+    *overrides: str,
+    cwd: Path,
+    timeout: float = 600,
+    env: Mapping[str, str] | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    process = start_train(*overrides, cwd=cwd, env=env)
-    stdout, stderr = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_module(
+        "sfseg.train", *overrides, cwd=cwd, env={**ENV, **(env or {})}, fresh=fresh, timeout=timeout
+    )
 
 
 def scores(run_dir: Path) -> dict:

@@ -8,9 +8,11 @@ the largest gradient. Both settings change only the order in which float32 sums 
 (channels_last's kernels, inductor's fused loops): about 1e-7 relative per operation, measured here at
 most 2e-6 of the largest logit; a gradient of the first convolution sums 16 384 products per weight (4
 images of 64x64), and differs by up to 2e-4 of the largest gradient. A real fault (a wrong layout, a
-part left out) moves logits and gradients by their own size. Compiling takes seconds with torch's compiler cache warm and minutes without (a fresh machine:
+part left out) moves logits and gradients by their own size. Compiling takes seconds with torch's
+compiler cache warm and minutes without (a fresh machine:
 the C++ compiler builds every kernel): the compile cases are marked slow, and they share one toy
-network, the one `sfseg.bench --compile-check --quick` compiles too.
+network (two levels: every part at half the kernels of four), the one `sfseg.bench --compile-check
+--quick` compiles too.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ def test_a_compiled_runs_checkpoint_loads_evaluates_predicts_and_exports(
 ) -> None:
     """A training run with both settings (in process: its compiled graphs are those of the bench's toy
     network), then its checkpoint through sfseg.inference as any checkpoint goes."""
-    overrides = ["model/backbone=local", "model.compile=true", "model.channels_last=true"]
+    overrides = ["model/backbone=local", "model.levels=2", "model.compile=true", "model.channels_last=true"]
     # As many pictures as a validation batch: the pictures reuse the validation's compiled graph.
     trained = train(compose_config([*TINY, *overrides, "num_pyramid_images=4"], run_dir))
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)

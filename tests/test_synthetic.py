@@ -1,11 +1,10 @@
-"""The embedded synthetic dataset: determinism, class layout, colour ambiguity, API and speed."""
+"""The embedded synthetic dataset: determinism, class layout, colour ambiguity, API and the kept scenes."""
 
 from __future__ import annotations
 
 import hashlib
 import subprocess
 import sys
-import time
 
 import albumentations as A
 import numpy as np
@@ -13,12 +12,14 @@ import pytest
 import torch
 from scipy import ndimage
 
+from sfseg.data import synthetic
 from sfseg.data.synthetic import (
     SYNTHETIC_CLASSES,
     SYNTHETIC_PALETTE,
     SyntheticScenes,
     render_scene,
 )
+from sfseg.data.transforms import train_transform
 
 NUM_CLASSES = 12
 POLE = SYNTHETIC_CLASSES.index("pole")
@@ -191,11 +192,19 @@ def test_bad_split_names_parameter_and_allowed_values():
         render_scene(0, split="validation")
 
 
-def test_generation_time_per_image():
-    render_scene(0)  # warm caches
-    n = 200
-    start = time.perf_counter()
-    for i in range(n):
-        render_scene(i)
-    ms = (time.perf_counter() - start) / n * 1e3
-    print(f"synthetic scene generation: {ms:.2f} ms per 128x128 image")
+def test_a_split_is_rendered_once_and_the_transform_cannot_alter_the_kept_scene(monkeypatch):
+    ds = SyntheticScenes(
+        "train", num_samples=4, transform=train_transform(crop_size=None, scale_range=None, seed=0)
+    )
+    first = ds.scene(2)
+    assert ds.scene(2) is first  # kept: the second draw does not render again
+    image, label = render_scene(2)
+    assert np.array_equal(first[0], image) and np.array_equal(first[1], label)
+    assert not first[0].flags.writeable and not first[1].flags.writeable
+    for _ in range(3):  # augmented draws leave the kept scene as rendered
+        ds[2]
+    assert np.array_equal(ds.scene(2)[0], image)
+    monkeypatch.setattr(synthetic, "MAX_CACHED_BYTES", 3 * 128 * 128 * 4)
+    too_big = SyntheticScenes("train", num_samples=4)
+    assert too_big.scene(2) is not too_big.scene(2)  # over the budget: rendered at every draw
+    assert np.array_equal(too_big.scene(2)[1], label)

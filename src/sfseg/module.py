@@ -327,7 +327,9 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.log_dict({f"val/{name}": value for name, value in scores.items()})
         self.val_metrics.reset()
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """model.optimizer's SGD or AdamW over the parameter groups: encoder, heads (head_lr_mult) and
+        the learned fuse's gate (model.fuse.lr_mult)."""
         config = self.optimizer_config
         # A frozen encoder's parameters need no gradient and are in no group (model.backbone.freeze).
         backbone_params = [p for p in self.net.backbone.parameters() if p.requires_grad]
@@ -345,13 +347,16 @@ class SpecializeAndFuseModule(L.LightningModule):
                 {"params": gate_params, "lr": config["lr"] * self.fuse_settings.get("lr_mult", 1.0)}
             )
         if config["name"] == "adamw":
-            optimizer = torch.optim.AdamW(
+            return torch.optim.AdamW(
                 groups, lr=config["lr"], betas=tuple(config["betas"]), weight_decay=config["weight_decay"]
             )
-        else:
-            optimizer = torch.optim.SGD(
-                groups, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
-            )
+        return torch.optim.SGD(
+            groups, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+        )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        config = self.optimizer_config
+        optimizer = self.build_optimizer()
         schedule = partial(
             lr_factor,
             total_steps=max(int(self.trainer.estimated_stepping_batches), 1),

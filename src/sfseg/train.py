@@ -20,16 +20,14 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from sfseg.builder import build, save_pyramid_png
 from sfseg.callbacks import LastCheckpoint
 from sfseg.cli import hydra_main
-from sfseg.data.datamodule import SegmentationDataModule
-from sfseg.module import SpecializeAndFuseModule
 from sfseg.runs import (
     CHECKPOINT_FOLDER,
     LAST_CHECKPOINT,
@@ -42,7 +40,6 @@ from sfseg.runs import (
     save_run_record,
     write_validation,
 )
-from sfseg.visualize import save_figure
 
 
 def per_device_batch(global_batch: int, devices: int, num_nodes: int = 1) -> int:
@@ -74,25 +71,6 @@ warnings.filterwarnings(
 )
 OmegaConf.register_new_resolver("per_device_batch", per_device_batch, replace=True)
 OmegaConf.register_new_resolver("job_folder_label", job_folder_label, replace=True)
-
-
-def build(cfg: DictConfig) -> tuple[SegmentationDataModule, SpecializeAndFuseModule, L.Trainer]:
-    """Instantiate the datamodule, the LightningModule and the Trainer of a composed config."""
-    datamodule: SegmentationDataModule = instantiate(cfg.data)
-    model = instantiate(
-        cfg.model,
-        num_classes=datamodule.num_classes,
-        class_names=list(datamodule.classes),
-        # Plain lists, so that the checkpoint loads with weights_only (DESIGN 6).
-        palette=[list(colour) for colour in datamodule.palette],
-        label_values=datamodule.label_values,
-    )
-    # Training crops and padded validation images must fit the network, not only the pyramid.
-    datamodule.match_network(model.net.size_divisor)
-    callbacks = [instantiate(callback) for callback in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(logger) for logger in (cfg.get("logger") or {}).values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    return datamodule, model, trainer
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -173,14 +151,6 @@ def last_checkpoint_path(trainer: L.Trainer, run_dir: Path) -> Path:
         (callback.path for callback in trainer.callbacks if isinstance(callback, LastCheckpoint)),
         run_dir / CHECKPOINT_FOLDER / LAST_CHECKPOINT,
     )
-
-
-def save_pyramid_png(
-    model: SpecializeAndFuseModule, datamodule: SegmentationDataModule, path: Path, num_images: int
-) -> Path:
-    """Draw the pyramids of the first val images with the trained model."""
-    figure = model.predictor(datamodule.palette).pyramid_figure(*datamodule.val_examples(num_images))
-    return save_figure(figure, path)
 
 
 @hydra_main("train")

@@ -2,7 +2,7 @@
 
     python -m sfseg.bench [--device cpu|cuda] [--out bench] [--quick] [--threads N] [--ckpt CKPT] [--profile]
                           [--variants fcn,sf_c2f,...] [--backbones convnext_tiny,vit_small_patch16_224,...]
-                          [--compile-check]
+                          [--compile-check] [--training [--training-config "OVERRIDES"]...]
 
 Writes <out>/results.json and <out>/results.md with, measured side by side in one run:
   (a) build_targets + relabel(true_positive) against a clone() of the same label batch;
@@ -16,6 +16,8 @@ Writes <out>/results.json and <out>/results.md with, measured side by side in on
       training step time (with OCR's auxiliary loss where the model has it) and peak memory;
       parameters. --variants picks rows (fcn is always measured);
   (d) with --profile, torch.profiler's top operators of FCN and of c2f sparse.
+With --training, instead of (a)-(d), where the time of `sfseg.train` runs goes (each --training-config a
+list of its overrides; none: the embedded default, `make train`), piece by piece (sfseg.bench.training).
 With --backbones, instead of (a)-(d), the Backbones table: the S&F model (L=4, c2f) on each named
 backbone (any model.backbone.name) and on the reference (hrnet_w48): parameters, GMACs of a dense
 inference, and the training step time relative to the reference's.
@@ -43,7 +45,7 @@ from sfseg.bench.results import run, to_markdown, write_results
 from sfseg.bench.variants import MODEL_VARIANTS, parse_variants
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sfseg.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json/.md")
@@ -75,12 +77,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "encoder frozen and not (on CPU each in a fresh process)",
     )
     parser.add_argument(
+        "--training",
+        action="store_true",
+        help="where the time of a sfseg.train run goes (the embedded default, or each --training-config)",
+    )
+    parser.add_argument(
+        "--training-config",
+        action="append",
+        default=[],
+        help='sfseg.train overrides of one measured run, space-separated (e.g. "data.batch_size=16"); repeat it',
+    )
+    parser.add_argument(
         "--compile-check",
         action="store_true",
         help="measure model.compile and model.channels_last against eager (training step, dense and sparse "
         "inference; CPU: the embedded default's network, CUDA: hrnet_w48 at 512x512 in bf16) instead of Table 5",
     )
     parser.add_argument("--memory-children", help=argparse.SUPPRESS)  # sfseg.bench.memory's own child
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.variants = parse_variants(args.variants)
@@ -88,9 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.frozen_memory = parse_backbones(args.frozen_memory) if args.frozen_memory is not None else ()
     except ValueError as error:
         parser.error(str(error))
-    if args.compile_check and args.backbones:
+    if sum(map(bool, (args.compile_check, args.backbones, args.training))) > 1:
         parser.error(
-            "--compile-check and --backbones each measure their own table instead of Table 5: give one"
+            "--compile-check, --backbones and --training each measure their own table instead of Table 5: give one"
         )
     if args.memory_children:
         return args
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(forked_peaks(parse_memory_jobs(args.memory_children), cfg)))
         return None
     device = torch.device(args.device)
+    training = [config.split() for config in args.training_config] or [[]] if args.training else None
     results = run(
         cfg,
         device,
@@ -120,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.backbones,
         args.frozen_memory,
         args.compile_check,
+        training,
     )
     write_results(args.out, results)
     print(to_markdown(results))

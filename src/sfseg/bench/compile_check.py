@@ -39,15 +39,17 @@ VARIANT = "sf_c2f"  # the model: S&F with the paper's context module
 @dataclass(frozen=True)
 class CompileCheckConfig:
     """The network compared and how often: `sizes` holds its backbone, classes, image and training
-    sizes and the repeats; the head widths are D_s and D_u."""
+    sizes and the repeats; the head widths are D_s and D_u; `settings` the SETTINGS measured."""
 
     network: str  # whose network it is, for the report
     sizes: BenchConfig
     semantic_channels: int
     unity_channels: int
+    settings: tuple[str, ...] = tuple(SETTINGS)
 
 
-# On a CPU: the network `make train` trains (conf/experiment/synthetic.yaml) at its training size.
+# On a CPU: the network `make train` trains (conf/experiment/synthetic.yaml) at its 128 px, with the
+# previous default's batch of 16 that docs/bench/compile_check.md was measured at (`make train`: 8).
 EMBEDDED = CompileCheckConfig(
     "the embedded default's network (what `make train` trains)",
     replace(
@@ -79,12 +81,17 @@ PAPER = CompileCheckConfig(
     semantic_channels=512,
     unity_channels=64,
 )
-# --quick: a toy network, the code path in seconds once compiled.
+# --quick: a toy network, the code path in seconds once compiled. On a fresh machine the C++ compiler
+# builds every kernel of every graph, so it compiles what it needs only: two levels hold every part
+# (both pyramids, c2f's coarse-to-fine pass, Eq. 2's fuse) at half the kernels of four, and one
+# compiled setting, the one with both switches, runs every code path of the settings (compile alone:
+# tests/test_speed_settings.py).
 TOY = CompileCheckConfig(
     "a toy network (--quick)",
     replace(
         QUICK,
         backbone="local",
+        num_levels=2,
         num_classes=12,
         image_size=64,
         train_batch=4,
@@ -93,6 +100,7 @@ TOY = CompileCheckConfig(
     ),
     semantic_channels=32,
     unity_channels=16,
+    settings=("eager", "channels_last", "compile+channels_last"),
 )
 
 
@@ -207,11 +215,12 @@ def training_measures(
 def bench_compile_check(cfg: CompileCheckConfig, device: torch.device) -> dict[str, object]:
     """Every setting on the same network: inference (dense, sparse) and the training step, each as a
     ratio to eager in this run, the first calls apart, and whether its output is eager's."""
-    nets = {name: build_network(cfg, *switches).to(device) for name, switches in SETTINGS.items()}
+    nets = {name: build_network(cfg, *SETTINGS[name]).to(device) for name in cfg.settings}
     inference = inference_measures(nets, cfg, device)
     training = training_measures(nets, cfg, device)
     rows = []
-    for name, (compiled, channels_last) in SETTINGS.items():
+    for name in cfg.settings:
+        compiled, channels_last = SETTINGS[name]
         row: dict[str, object] = {"setting": name, "compile": compiled, "channels_last": channels_last}
         for key, measured in (
             ("train_step", training),

@@ -18,6 +18,7 @@ from sfseg.bench.harness import BenchConfig, device_name
 from sfseg.bench.profiling import PROFILE_SHARE, profile_markdown, profile_table
 from sfseg.bench.pyramid_math import bench_fuse, bench_targets, pyramid_math_markdown
 from sfseg.bench.table5 import bench_models, checkpoint_level_shares, table5_markdown
+from sfseg.bench.training import bench_training, training_markdown
 from sfseg.bench.variants import MODEL_VARIANTS
 
 
@@ -31,10 +32,12 @@ def run(
     backbones: tuple[str, ...] | None = None,
     frozen_memory: tuple[str, ...] = (),
     compile_check: bool = False,
+    training: list[list[str]] | None = None,
 ) -> dict[str, object]:
     """Table 5 and the pyramid math (with `profile`, the profiles); with `backbones`, the Backbones
     table alone (with the training memory of the `frozen_memory` rows, frozen and not); with
-    `compile_check`, model.compile and model.channels_last against eager alone."""
+    `compile_check`, model.compile and model.channels_last against eager alone; with `training`
+    (lists of `sfseg.train` overrides), where those runs' time goes, alone."""
     load_before = os.getloadavg()[0]
     results: dict[str, object] = {
         "meta": {
@@ -51,6 +54,8 @@ def run(
     }
     if backbones:
         results["backbones"] = bench_backbones(cfg, device, backbones, quick, frozen_memory)
+    elif training:
+        results["training"] = [bench_training(overrides, quick) for overrides in training]
     elif compile_check:
         results["compile_check"] = bench_compile_check(compile_check_config(device, quick), device)
     else:
@@ -79,6 +84,8 @@ def to_markdown(results: dict) -> str:
     ]
     if "backbones" in results:
         return "\n".join(lines + backbones_markdown(results["backbones"], cfg))
+    if "training" in results:
+        return "\n".join(lines + training_markdown(results["training"]))
     if "compile_check" in results:
         return "\n".join(lines + compile_check_markdown(results["compile_check"]))
     lines += pyramid_math_markdown(results["targets"], results["fuse"], cfg["repeats"])

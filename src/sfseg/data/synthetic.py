@@ -28,6 +28,8 @@ __all__ = ["SYNTHETIC_CLASSES", "SYNTHETIC_PALETTE", "SyntheticScenes", "render_
 SPLIT_IDS = {"train": 0, "val": 1}
 DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 200}
 MIN_SIZE = 32
+# A split whose rendered scenes fit in this many bytes is kept in memory after each scene's first draw.
+MAX_CACHED_BYTES = 512 * 2**20
 
 SKY, WALL, WATER, GRASS, ROAD, SAND, PERSON, CAR, POLE, SIGN, BALL, WINDOW = range(12)
 GROUND = (WATER, GRASS, ROAD, SAND)
@@ -424,7 +426,10 @@ class SyntheticScenes(Dataset):
     """Synthetic scenes rendered in __getitem__: {"image": float32 [3,H,W], "label": int64 [H,W], "index"}.
 
     `transform` is an albumentations pipeline (see `sfseg.data.transforms`); without one the image is
-    scaled to [0, 1].
+    scaled to [0, 1]. A scene is the same bytes at every draw, so a split that fits in MAX_CACHED_BYTES
+    is rendered once per process (each loader worker keeps its own) and only augmented after that:
+    rendering is most of the loader's work, and on a 2-core machine the loader shares the cores with
+    training.
     """
 
     classes: tuple[str, ...] = SYNTHETIC_CLASSES
@@ -448,15 +453,34 @@ class SyntheticScenes(Dataset):
         self.size = check_size(size)
         self.seed = int(seed)
         self.transform = transform
+        scene_bytes = self.size[0] * self.size[1] * 4  # uint8 RGB image and label
+        self._rendered: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+            {} if self.num_samples * scene_bytes <= MAX_CACHED_BYTES else None
+        )
 
     def __len__(self) -> int:
         return self.num_samples
 
+    @property
+    def keeps_scenes(self) -> bool:
+        """Whether each scene is rendered once and kept (the split fits in MAX_CACHED_BYTES)."""
+        return self._rendered is not None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} {self.split} samples")
-        image, label = self.render(int(index))
+        image, label = self.scene(int(index))
         return {**apply(self.transform, image, label), "index": int(index)}
+
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 image and label map of scene `index`, rendered at its first draw only (when cached)."""
+        if self._rendered is None:
+            return self.render(index)
+        if index not in self._rendered:
+            image, label = self.render(index)
+            image.flags.writeable = label.flags.writeable = False  # a transform must not alter the cache
+            self._rendered[index] = image, label
+        return self._rendered[index]
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The uint8 image and label map of scene `index`."""

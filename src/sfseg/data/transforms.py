@@ -95,7 +95,7 @@ def apply(transform: A.Compose | None, image: np.ndarray, label: np.ndarray) -> 
         image = image.astype(np.float32) / 255.0
     return {
         "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
-        "label": torch.from_numpy(np.ascontiguousarray(label)).long(),
+        "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
     }
 
 
