@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test lint bench ablation-quick mechanism gpu-check wheelhouse install-offline clean
+.PHONY: install train test test-quick lint bench ablation-quick mechanism gpu-check wheelhouse install-offline clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ TEST_WORKERS ?= 2
 
 test: $(INSTALLED) lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The quick loop while developing: the suite without its slow (end-to-end) tests.
+test-quick: $(INSTALLED)
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(INSTALLED)
 	$(PY) -m sfseg.bench $(ARGS)
