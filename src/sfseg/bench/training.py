@@ -22,17 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import default_collate
 
 from sfseg import CONFIG_DIR
+from sfseg.bench.harness import interleaved_medians
 from sfseg.builder import build, save_pyramid_png
 from sfseg.data.transforms import apply
 from sfseg.module import training_loss
 
 STEP_PARTS = ("targets", "forward", "loss", "backward", "optimizer")
+CPU = torch.device("cpu")
 
 
 def training_config(overrides: Sequence[str], run_dir: Path) -> DictConfig:
@@ -46,31 +49,28 @@ def training_config(overrides: Sequence[str], run_dir: Path) -> DictConfig:
     return cfg
 
 
-def _median_seconds(call: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """The harness's interleaved medians (no warm-up), in seconds."""
+    return {name: ms / 1e3 for name, ms in interleaved_medians(calls, repeats, 0, CPU).items()}
 
 
 def loader_seconds(datamodule: Any, batch_size: int, repeats: int) -> dict[str, float]:
     """One batch's loader work: rendering its scenes (synthetic data only) and the training pipeline."""
     dataset = datamodule.train_set
     indices = range(batch_size)
-    seconds = {}
     if hasattr(dataset, "render"):
-        seconds["render"] = _median_seconds(lambda: [dataset.render(i) for i in indices], repeats)
         scenes = [dataset.render(i) for i in indices]
-        seconds["augment"] = _median_seconds(
-            lambda: default_collate([apply(dataset.transform, *scene) for scene in scenes]), repeats
+        return median_seconds(
+            {
+                "render": lambda: [dataset.render(i) for i in indices],
+                "augment": lambda: default_collate([apply(dataset.transform, *scene) for scene in scenes]),
+            },
+            repeats,
         )
-    else:  # files on disk: reading and decoding are part of the dataset's __getitem__
-        seconds["read_and_augment"] = _median_seconds(
-            lambda: default_collate([dataset[i] for i in indices]), repeats
-        )
-    return seconds
+    # Files on disk: reading and decoding are part of the dataset's __getitem__.
+    return median_seconds(
+        {"read_and_augment": lambda: default_collate([dataset[i] for i in indices])}, repeats
+    )
 
 
 def step_seconds(model: Any, datamodule: Any, batch: dict, warmup: int, repeats: int) -> dict[str, float]:
@@ -115,7 +115,7 @@ def validation_seconds(model: Any, datamodule: Any) -> float:
 def startup_seconds(repeats: int = 3) -> float:
     """Starting a Python process that imports `sfseg.train` (what every `python -m sfseg.train` pays)."""
     command = [sys.executable, "-c", "import sfseg.train"]
-    return _median_seconds(lambda: subprocess.run(command, check=True), repeats)
+    return median_seconds({"start": lambda: subprocess.run(command, check=True)}, repeats)["start"]
 
 
 def bench_training(overrides: Sequence[str], quick: bool = False) -> dict[str, Any]:
