@@ -793,6 +793,14 @@ def test_default_table7_preset_composes_the_embedded_default_per_policy(run_dir:
         assert cfg.trainer.check_val_every_n_epoch == 1000  # one validation, after training
 
 
+def test_fuse_default_preset_trains_as_long_as_make_train(run_dir: Path):
+    """`--preset fuse_default` is the embedded default with the learned fuse: its step budget is
+    experiment=synthetic's, whatever that becomes."""
+    preset = PRESETS["fuse_default"]
+    reference = compose_config(["experiment=synthetic"], run_dir)
+    assert preset.steps == reference.trainer.max_steps and preset.overrides == ("model/fuse=learned",)
+
+
 def test_default_table7_report_has_the_three_policies_over_all_classes_and_things(
     tmp_path: Path, run_dir: Path
 ):
