@@ -106,7 +106,7 @@ def test_tiny_check_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
     for name in STAGE_LIMITS_S:
         assert f"| {name} | passed |" in markdown
     assert "| anl_multi | 4 |" in markdown and "| sf_c2f | sparse |" in markdown
-    assert "| compile+channels_last |" in markdown
+    assert "| compile |" in markdown
     assert "### Goals" in markdown  # the mechanism report, embedded
 
 

@@ -9,10 +9,11 @@ the largest gradient. Both settings change only the order in which float32 sums 
 most 2e-6 of the largest logit; a gradient of the first convolution sums 16 384 products per weight (4
 images of 64x64), and differs by up to 2e-4 of the largest gradient. A real fault (a wrong layout, a
 part left out) moves logits and gradients by their own size. Compiling takes seconds with torch's
-compiler cache warm and minutes without (a fresh machine:
-the C++ compiler builds every kernel): the compile cases are marked slow, and they share one toy
-network (two levels: every part at half the kernels of four), the one `sfseg.bench --compile-check
---quick` compiles too.
+compiler cache warm and minutes without (a fresh machine: the C++ compiler builds every kernel): the
+compile cases are marked slow, and they share one toy network (two levels: every part at half the kernels
+of four) at the shapes and in the order of `sfseg.bench --compile-check --quick`, which compiles the same
+graphs: tests/conftest.py runs this file, then tests/test_gpu_check.py (whose compile stage runs that
+bench), on one worker, so that a test run compiles them once.
 """
 
 from __future__ import annotations
@@ -197,14 +198,15 @@ def test_training_applies_the_settings(compiled: bool, run_dir: Path) -> None:
 def test_a_compiled_runs_checkpoint_loads_evaluates_predicts_and_exports(
     run_dir: Path, tmp_path: Path
 ) -> None:
-    """A training run with both settings (in process: its compiled graphs are those of the bench's toy
-    network), then its checkpoint through sfseg.inference as any checkpoint goes."""
-    overrides = ["model/backbone=local", "model.levels=2", "model.compile=true", "model.channels_last=true"]
-    # As many pictures as a validation batch: the pictures reuse the validation's compiled graph.
-    trained = train(compose_config([*TINY, *overrides, "num_pyramid_images=4"], run_dir))
+    """A compiled training run (in process, on the toy network at the shapes the tests above compiled:
+    batches of 4 to train, of 1 to validate and draw), then its checkpoint through sfseg.inference as any
+    checkpoint goes."""
+    overrides = ["model/backbone=local", "model.levels=2", "model.compile=true"]
+    sizes = ["data.val_batch_size=1", "num_pyramid_images=1"]
+    trained = train(compose_config([*TINY, *overrides, *sizes], run_dir))
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
-    assert hparams["compile"] is True and hparams["channels_last"] is True
+    assert hparams["compile"] is True
     eager = SpecializeAndFuseModule(**{**hparams, "compile": False, "channels_last": False})
     assert list(checkpoint["state_dict"]) == list(eager.state_dict())  # no `_orig_mod.` anywhere
 
@@ -214,8 +216,8 @@ def test_a_compiled_runs_checkpoint_loads_evaluates_predicts_and_exports(
     datamodule = predictor.datamodule()
     datamodule.setup("validate")
     scores = evaluate(predictor, datamodule.val_dataloader(), progress=False).scores()
-    # The training run's validation ran the compiled, channels_last network on the same 4 images of
-    # 64x64: the same scores, up to a pixel at a near tie.
+    # The training run's validation ran the compiled network on the same 4 images of 64x64: the same
+    # scores, up to a pixel at a near tie.
     assert scores["pixel_acc"] == pytest.approx(trained["pixel_acc"], abs=2 / (4 * SIZE * SIZE))
     assert scores["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-3)
     rgb = torch.randint(
