@@ -35,41 +35,28 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download in tests
 
 
-# Files that run one after the other, in this order, on one worker: the later ones find torch's compiler
-# cache warm with the graphs the earlier ones compiled (the same toy network at the same shapes; on a
-# fresh machine compiling them takes a minute of C++ compilation).
-IN_A_ROW = ("tests/test_speed_settings.py", "tests/test_gpu_check.py")
+# tests/test_gpu_check.py compiles the toy network of `sfseg.bench --compile-check --quick` (in its compile
+# stage's own process) and tests/test_speed_settings.py compiles the same graphs in the test process: the
+# one first and the other last, so that the second finds torch's compiler cache warm (on a fresh machine
+# the C++ compiler spends a minute on them) and no test after it forks a process that has run a compiled
+# backward (tests/processes.py).
+FIRST, LAST = "tests/test_gpu_check.py", "tests/test_speed_settings.py"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """IN_A_ROW first, then the files with end-to-end (slow) tests, each file's tests in their own order:
-    `make test` runs one file (IN_A_ROW: those files) per worker at a time (pytest-xdist --dist loadfile
+    """FIRST, the files with end-to-end (slow) tests, the others, LAST; each file's tests in their own
+    order: `make test` runs one file per worker at a time (pytest-xdist --dist loadfile
     --no-loadscope-reorder), so the long files start at once on both workers and the quick ones fill in
     at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
-    def rank(item: pytest.Item) -> tuple[int, int]:
+    def rank(item: pytest.Item) -> int:
         file = item.path.relative_to(config.rootpath).as_posix()
-        if file in IN_A_ROW:
-            return 0, IN_A_ROW.index(file)
-        return (1 if item.path in slow_files else 2), 0
+        if file in (FIRST, LAST):
+            return 0 if file == FIRST else 3
+        return 1 if item.path in slow_files else 2
 
     items.sort(key=rank)  # stable: the rest keeps pytest's order
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """--dist loadfile with IN_A_ROW as one unit of work; other modes as pytest-xdist makes them."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class InARowScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            file = super()._split_scope(nodeid)
-            return IN_A_ROW[0] if file in IN_A_ROW else file
-
-    return InARowScheduling(config, log)
 
 
 def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:

@@ -6,6 +6,9 @@ own: it runs the module as `__main__` with its own argv, working directory, envi
 stderr (to files), and exit status, and whatever it does to global state dies with it. The parent
 imports `sfseg.train` (and so the whole stack) once.
 
+A fork cannot train once this process has run a compiled backward (torch.compile traces it on the meta
+device, and autograd then refuses to run in a forked child): from then on the commands start fresh.
+
 What a fork cannot show is a fault of a fresh interpreter: an import that fails, a module-level side
 effect, a variable read at import time (HF_HUB_OFFLINE, HF_HUB_CACHE: such a change in `env` starts a
 fresh interpreter). Every entry point keeps at least one test that starts it with `sys.executable -m`
@@ -24,6 +27,8 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 import sfseg.train  # noqa: F401  (the imports every forked child inherits)
 
@@ -105,13 +110,38 @@ class Forked:
         return texts[0], texts[1]
 
 
+def forked_children_can_train() -> bool:
+    """Whether autograd runs in a child forked from this process (it stops doing so for good once this
+    process has run a compiled backward): a child forked to try one backward."""
+    global _forks_train
+    if _forks_train:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            code = 1
+            try:
+                torch.ones(1, requires_grad=True).sum().backward()
+                code = 0
+            except RuntimeError:
+                pass
+            finally:
+                os._exit(code)
+        _forks_train = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    return _forks_train
+
+
+_forks_train = True
+
+
 def start_module(
     module: str, *args: str, cwd: Path, env: Mapping[str, str] | None = None, fresh: bool = False
 ) -> Forked | subprocess.Popen:
     """Start `python -m module args` in `cwd`: forked, or with `fresh` (or a variable that the stack reads
-    at import time changed in `env`) a new interpreter. Both have `communicate()` and `returncode`."""
+    at import time changed in `env`, or forked children that cannot train) a new interpreter. Both have
+    `communicate()` and `returncode`."""
     changed = {key for key in READ_AT_IMPORT if (env or os.environ).get(key) != os.environ.get(key)}
-    if fresh or changed:
+    if fresh or changed or not forked_children_can_train():
         return subprocess.Popen(
             [sys.executable, "-m", module, *args],
             cwd=cwd,

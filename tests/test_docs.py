@@ -20,7 +20,7 @@ The rules, kept simple on purpose:
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.machinery
 import re
 import shlex
 from dataclasses import dataclass
@@ -144,7 +144,10 @@ def module_exists(module: str, root: Path) -> bool:
     if module == "sfseg" or module.startswith("sfseg."):
         path = root / "src" / Path(*module.split("."))
         return path.with_suffix(".py").is_file() or (path / "__main__.py").is_file()
-    return importlib.util.find_spec(module.split(".")[0]) is not None
+    # Looked up on sys.path only: importlib.util.find_spec("pip") would reach setuptools' distutils hook,
+    # which then hands the stdlib's distutils to everything after it in this process (torch.compile's C++
+    # build among them: "AssertionError: .../python3.11/distutils/core.py").
+    return importlib.machinery.PathFinder.find_spec(module.split(".")[0]) is not None
 
 
 def command_errors(path: Path, root: Path) -> list[str]:

@@ -161,8 +161,8 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
     monkeypatch.setattr(runner, "MIN_STAGE_S", 1)
     pid_file = tmp_path / "grandchild.pid"
     fake = [sys.executable, "-c", FAKE_STAGE, str(pid_file)]
-    # 6 s in all: environment and smoke end at once, table5 hangs until the budget runs out.
-    outcomes = run_checks(tmp_path, "cpu", True, 0.1, "python -m sfseg.gpu_check (fake stages)", fake)
+    # 3 s in all: environment and smoke end at once, table5 hangs until the budget runs out.
+    outcomes = run_checks(tmp_path, "cpu", True, 0.05, "python -m sfseg.gpu_check (fake stages)", fake)
 
     statuses = {outcome["name"]: outcome["status"] for outcome in outcomes}
     assert statuses == {
@@ -181,7 +181,7 @@ def test_a_failing_or_hanging_stage_is_reported_and_the_rest_still_run(tmp_path:
     (smoke,) = [outcome for outcome in outcomes if outcome["name"] == "smoke"]
     assert smoke["problems"] == [f"cannot import hydra_is_not_installed_here: {runner.INSTALL_HINT}"]
     assert "ModuleNotFoundError" in smoke["error"] and "ModuleNotFoundError" in markdown
-    assert "| table5 | timed out |" in markdown and "left of --minutes 0.1" in markdown
+    assert "| table5 | timed out |" in markdown and "left of --minutes 0.05" in markdown
 
 
 def test_the_environment_names_what_is_missing(monkeypatch) -> None:

@@ -12,8 +12,8 @@ part left out) moves logits and gradients by their own size. Compiling takes sec
 compiler cache warm and minutes without (a fresh machine: the C++ compiler builds every kernel): the
 compile cases are marked slow, and they share one toy network (two levels: every part at half the kernels
 of four) at the shapes and in the order of `sfseg.bench --compile-check --quick`, which compiles the same
-graphs: tests/conftest.py runs this file, then tests/test_gpu_check.py (whose compile stage runs that
-bench), on one worker, so that a test run compiles them once.
+graphs: tests/conftest.py runs tests/test_gpu_check.py (whose compile stage runs that bench) first and
+this file last, so that a test run compiles them once.
 """
 
 from __future__ import annotations

@@ -85,7 +85,7 @@ PAPER = CompileCheckConfig(
 # builds every kernel of every graph, so it compiles what it needs only: two levels hold every part
 # (both pyramids, c2f's coarse-to-fine pass, Eq. 2's fuse) at half the kernels of four, and one
 # compiled setting: compile, whose graphs tests/test_speed_settings.py compiles too (the same network,
-# shapes and order), so that a test run compiles them once (tests/conftest.py runs the two in a row).
+# shapes and order), so that a test run compiles them once (tests/conftest.py orders the two).
 TOY = CompileCheckConfig(
     "a toy network (--quick)",
     replace(
