@@ -17,8 +17,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
 import torch
 from torch import Tensor, nn
 
@@ -27,6 +27,9 @@ from sfseg.inference.loading import Predictor
 from sfseg.inference.pixels import fused_logits, round_up
 from sfseg.models import PyramidSegmenter
 from sfseg.pyramid import FINEST_STRIDE
+
+if TYPE_CHECKING:
+    import onnx
 
 EXPORT_FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAME = "image"
@@ -159,6 +162,8 @@ def _export_onnx(
             dynamic_shapes=dynamic_shapes,
         )
     program.save(str(path))
+    import onnx  # here, not at the top: it takes half a second to import, which no other command needs
+
     proto = onnx.load(str(path), load_external_data=False)
     if dynamic:
         _name_free_dimensions(proto)
@@ -178,6 +183,8 @@ def _export_onnx(
 
 def _described(values: Sequence[onnx.ValueInfoProto]) -> list[tuple[str, str, list[int | str]]]:
     """(name, dtype, shape) of graph inputs or outputs; a free dimension by its name."""
+    import onnx
+
     return [
         (
             value.name,

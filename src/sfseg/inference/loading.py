@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -19,7 +19,6 @@ from torch import Tensor
 
 from sfseg.analysis import pixel_levels
 from sfseg.data.classes import dataset_palette, palette_for
-from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.real import training_layout
 from sfseg.data.transforms import val_transform
 from sfseg.inference.passes import image_logits, sparse_applies, whole_logits
@@ -28,6 +27,9 @@ from sfseg.inference.sources import read_model
 from sfseg.models import PyramidSegmenter
 from sfseg.pyramid import IGNORE_INDEX, FuseRule
 from sfseg.visualize import pyramid_figure
+
+if TYPE_CHECKING:  # built through Hydra; importing it would import Lightning into every inference process
+    from sfseg.data.datamodule import SegmentationDataModule
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # What a written mask holds per class: its 0-based class id, or the dataset's own label value.
