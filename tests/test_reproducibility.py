@@ -98,9 +98,13 @@ def test_run_folder_keeps_the_versions(seeded_runs: dict[str, Path]):
     import lightning
 
     versions = json.loads((seeded_runs["first"] / "versions.json").read_text())
-    expected = {"python", "torch", "lightning", "timm", "hydra", "albumentations", "torchmetrics"}
-    expected |= {"wandb", "numpy", "sfseg", "git_commit", "git_dirty", "torch_threads", "cpu_capability"}
+    expected = {"python", "torch", "lightning", "timm", "hydra", "albumentations", "torchmetrics", "wandb"}
+    expected |= {"numpy", "sfseg", "git_commit", "git_dirty", "torch_threads", "cpu_capability", "cpu"}
     assert expected <= set(versions)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # the model name the kernel reports, as lscpu shows it
+        assert f"model name\t: {versions['cpu']}" in cpuinfo.read_text()
+    assert versions["cpu"]
     assert versions["torch_threads"] == int(ENV["OMP_NUM_THREADS"])
     assert versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert versions["torch"] == torch.__version__ and versions["lightning"] == lightning.__version__

@@ -72,7 +72,7 @@ def save_run_record(cfg: DictConfig, run_dir: Path) -> None:
 
 def package_versions() -> dict[str, Any]:
     """Python, the packages that shape a run (None if absent), CUDA, torch's CPU threads and instruction
-    set, and the git commit of the source."""
+    set, the CPU model, and the git commit of the source."""
     versions: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
     for key, distribution in PACKAGES.items():
         try:
@@ -80,11 +80,23 @@ def package_versions() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[key] = None
     versions["cuda"] = torch.version.cuda
-    # CPU results depend on both: sums are split over the threads, and the kernels differ per
-    # instruction set (AVX2, AVX512, ...), so either changes the numbers a seed gives.
+    # CPU results depend on all three: sums are split over the threads, and the kernels differ per
+    # instruction set (AVX2, AVX512, ...) and per CPU model (two AVX512 CPUs: docs/training.md), so any
+    # of them changes the numbers a seed gives.
     versions["torch_threads"] = torch.get_num_threads()
     versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    versions["cpu"] = cpu_model()
     return {**versions, **git_state(REPO_ROOT)}
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo's on Linux, else what the platform module reports."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def git_state(repo: Path) -> dict[str, Any]:
