@@ -26,6 +26,8 @@ from tests.conftest import compose_config
 from tests.test_eval import TINY_DATA, train_tiny_checkpoint
 
 SMALL = "hrnet_w18_small"
+# A timm ViT through the simple feature pyramid and the fusion decoder, besides HRNet.
+VIT = "vit_tiny_patch16_224"
 TAU = 0.9
 # The heads' parameter names and shapes at commit 92ac1e0 (main), before this change (in 12, C 5, D_s 16, D_u 8, L 4).
 BASE_LAYOUT = Path(__file__).parent / "data" / "head_layout_92ac1e0.json"
@@ -35,8 +37,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(context: str, levels: int, backbone: str = SMALL) -> PyramidSegmenter:
+    # The ViT's fusion decoder at 60 channels, not its 720: the same layers at a twelfth of the width.
+    decoder = {"name": "hrnet", "channels": 60} if backbone == VIT else None
     return random_batch_norm_statistics(
-        PyramidSegmenter(backbone, 5, levels, context, unity_channels=8, semantic_channels=16)
+        PyramidSegmenter(
+            backbone, 5, levels, context, unity_channels=8, semantic_channels=16, decoder=decoder
+        )
     )
 
 
@@ -73,10 +79,6 @@ def test_fuse_agreement_catches_each_kind_of_difference() -> None:
 
 # Very different shares of undecided finest cells in one batch: none, some, all.
 BATCH_SHARES = (0.0, 0.4, 1.0)
-
-
-# A timm ViT through the simple feature pyramid and the fusion decoder (model/backbone=timm), besides HRNet.
-VIT = "vit_tiny_patch16_224"
 
 
 @pytest.mark.parametrize("backbone", [SMALL, VIT])
