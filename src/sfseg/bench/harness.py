@@ -3,7 +3,6 @@ of interleaved repeats, and counts of multiply-accumulates and parameters."""
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sfseg.pyramid import IGNORE_INDEX
+from sfseg.runs import cpu_model
 
 # Shares of finest cells that no coarser level decides; 0.33 is about what the trained embedded
 # default leaves (the goals are stated there).
@@ -139,4 +139,4 @@ def count_params_m(model: nn.Module) -> float:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return cpu_model()
