@@ -148,6 +148,22 @@ def make_cityscapes(root: Path, seed: int = 0) -> Path:
     return root
 
 
+CAMVID_COUNTS = {"train": 4, "val": 2, "test": 3}
+
+
+def make_camvid(root: Path, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+    """SegNet's CamVid release: <split>/<name>.png RGB images and <split>annot/<name>.png ids 0..10, 11 =
+    void, named by sequence and frame as the release names them (0001TP_006690.png)."""
+    rng = np.random.default_rng(seed)
+    root = root / "camvid"
+    for split, count in (counts or CAMVID_COUNTS).items():
+        for frame in range(count):
+            name = f"0001TP_{6690 + 30 * frame:06d}.png"
+            write_image(root / split / name, rng)
+            write_label(root / f"{split}annot" / name, blocky(rng, np.arange(12)))
+    return root
+
+
 # data=folder: raw ids with reduce_zero_label and a list file (mmsegmentation's ADE20K-style layout).
 FOLDER_IDS_CLASSES = ("field", "road", "roof", "water")
 FOLDER_IDS_SPLITS = {"training": ["a1", "a2", "a3", "a4"], "validation": ["b1", "b2"]}
@@ -222,6 +238,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "coco_stuff164k": make_coco_stuff164k,
     "pascal_context59": make_pascal_context59,
     "cityscapes": make_cityscapes,
+    "camvid": make_camvid,
 }
 
 

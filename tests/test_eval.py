@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from sfseg.data.classes import ADE20K_CLASSES, SYNTHETIC_CLASSES
 from sfseg.eval import default_eval_folder, run
 from sfseg.inference import (
     InferenceSettings,
+    InputView,
     pad_images,
     slide_logits,
     tta_probabilities,
@@ -112,6 +114,30 @@ def test_whole_image_pads_to_the_size_divisor_and_crops_back():
     logits = whole_logits(net, images, tau=0.9)
     assert net.sizes == [(64, 96)]
     assert torch.allclose(logits, direct_logits(net, images), atol=1e-6)
+
+
+def test_a_test_scale_resizes_the_input_and_brings_the_logits_back():
+    # mmsegmentation's test pipeline: the image resized by the scale, padded, its logits cropped and resized
+    # back to the image's own pixels (a pixelwise model: the bilinear resizes of the input and the logits
+    # of a smooth image agree up to interpolation).
+    net = PixelwiseNet()
+    coarse = torch.randn(1, 3, 5, 7, generator=torch.Generator().manual_seed(1))
+    images = F.interpolate(coarse, size=(50, 70), mode="bilinear", align_corners=False)
+    logits = whole_logits(net, images, tau=0.9, scale=0.5)
+    assert net.sizes == [(32, 64)]  # 25 x 35, padded to the divisor 32
+    assert logits.shape == (1, 4, 50, 70)
+    # interpolation error only (resizing the padded logits without cropping them is off by 1.65 on average)
+    assert (logits - direct_logits(net, images)).abs().mean() < 0.05
+    view = InputView.of((50, 70), 0.5, 32)
+    assert (view.scaled, view.padded) == ((25, 35), (32, 64))
+    labels = torch.arange(50 * 70).view(1, 50, 70) % 7
+    assert view.labels(labels, 255).shape == (1, 32, 64) and (view.labels(labels, 255)[:, 25:] == 255).all()
+    # multi-scale ratios are relative to the test scale: 0.5 x 0.5 of 50 x 70 is 12 x 18, padded to 32 x 32
+    net.sizes.clear()
+    tta_probabilities(net, images, InferenceSettings(scales=(0.5, 1.0)), tau=0.9, test_scale=0.5)
+    assert net.sizes == [(32, 32), (32, 64)]
+    identity = InputView.of((64, 96), 1.0, 32)
+    assert identity.scaled == identity.padded == identity.size
 
 
 def test_sliding_window_averages_overlapping_windows_back_to_the_image():

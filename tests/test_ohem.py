@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from sfseg.builder import build
-from sfseg.module import SpecializeAndFuseModule
+from sfseg.module import LossSettings, SpecializeAndFuseModule
 from sfseg.pyramid import IGNORE_INDEX, Ohem, build_targets, ohem_keep, pyramid_loss, semantic_ce
 from tests.conftest import TINY, compose_config
 
@@ -144,8 +144,9 @@ PAPER_EXPERIMENTS = [
 def test_paper_experiments_train_eq1_ce_and_have_an_ohem_variant(experiment: str, run_dir: Path) -> None:
     plain = OmegaConf.to_container(compose_config([f"experiment={experiment}"], run_dir), resolve=False)
     ohem = OmegaConf.to_container(compose_config([f"experiment={experiment}_ohem"], run_dir), resolve=False)
-    assert plain["model"]["loss"] == {"name": "ce"}
-    assert ohem["model"]["loss"] == {"name": "ohem", "thresh": 0.9, "min_kept": 131072}
+    unweighted = {"class_weights": None, "level_weights": None}
+    assert plain["model"]["loss"] == {"name": "ce", **unweighted}
+    assert ohem["model"]["loss"] == {"name": "ohem", "thresh": 0.9, "min_kept": 131072, **unweighted}
     assert ohem["task_name"] == f"{experiment}_ohem"
     for config in (plain, ohem):
         del config["model"]["loss"], config["task_name"], config["hydra"]
@@ -155,8 +156,14 @@ def test_paper_experiments_train_eq1_ce_and_have_an_ohem_variant(experiment: str
 def test_ohem_trains_through_the_real_config(run_dir: Path) -> None:
     cfg = compose_config([*TINY, "model/loss=ohem", "model.loss.min_kept=1000"], run_dir)
     datamodule, model, trainer = build(cfg)
-    assert model.ohem == Ohem(thresh=0.9, min_kept=1000)
-    assert model.hparams.loss == {"name": "ohem", "thresh": 0.9, "min_kept": 1000}
+    assert model.loss_settings.ohem == Ohem(thresh=0.9, min_kept=1000)
+    assert model.hparams.loss == {
+        "name": "ohem",
+        "thresh": 0.9,
+        "min_kept": 1000,
+        "class_weights": None,
+        "level_weights": None,
+    }
     trainer.fit(model, datamodule=datamodule)
     assert trainer.global_step == 2
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
@@ -176,4 +183,4 @@ def test_checkpoints_without_a_loss_setting_load_with_plain_ce(run_dir: Path, tm
         path,
     )
     loaded = SpecializeAndFuseModule.load_from_checkpoint(path, map_location="cpu")
-    assert loaded.ohem is None and loaded.aux_weight == 0.0
+    assert loaded.loss_settings == LossSettings() and loaded.aux_weight == 0.0

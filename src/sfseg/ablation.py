@@ -24,8 +24,16 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
       context module (experiment=synthetic's data, backbone and heads), over all classes and the small
       things (person, car, pole, sign, ball, window).
 
+  camvid  real images (data.root=<CamVid>, e.g. ../shared/data/camvid): L=1 vs L=4 on experiment=camvid_cpu,
+      seeds 0,1,2; fused, finest-only, level-1 and oracle-fuse mIoU, per-class IoU with the small classes
+      apart, Table 9 and the share of cells of one L=4 job, minutes per job, and report.png (per-class IoU
+      of both arms with their spread; val mIoU over the steps). docs/real/camvid.md.
+  camvid_factors  one factor of the CamVid L=4 recipe at a time (experiment=camvid_factors: L=2, the relabel
+      policies, no context module, lighter coarse levels, tau), seeds 0,1.
+
 report.md starts with the command, the commit its jobs ran at and how busy the machine was, and the
-table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes.
+table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes. As each job ends,
+the sweep prints its fused mIoU, its minutes and the estimated time left.
 
 Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 """
@@ -33,18 +41,23 @@ Extra overrides (e.g. `data.data_seed=3`) apply to every job.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sfseg.data.classes import SYNTHETIC_THINGS
+import yaml
+
+from sfseg.data.classes import CAMVID_SMALL_CLASSES, SYNTHETIC_THINGS
 from sfseg.data.synthetic_context import (
     CONTEXT_CLASSES,
     LOOK_ALIKE_CLASSES,
@@ -57,9 +70,11 @@ from sfseg.pyramid import level_strides
 from sfseg.sweeps import (
     add_focus_metrics,
     collect_runs,
+    job_seconds,
     jobs_markdown,
     load_job_config,
     write_fuse_report,
+    write_levels_report,
     write_mechanism_report,
     write_report,
 )
@@ -131,6 +146,7 @@ class Preset:
     steps: int
     seeds: str
     report: Callable[[Path], str]
+    needs: tuple[str, ...] = ()  # keys the user must give (a real dataset's data.root)
 
 
 def report_by_levels(sweep_dir: Path) -> str:
@@ -202,6 +218,35 @@ def report_table7_policies(sweep_dir: Path) -> str:
     return report_layout_and_look_alike(sweep_dir, TABLE7_POLICY_COLUMNS, THINGS)
 
 
+CAMVID_SMALL = ("small", CAMVID_SMALL_CLASSES)
+
+
+def report_camvid(sweep_dir: Path) -> str:
+    return write_levels_report(sweep_dir, CAMVID_SMALL, "CamVid val, single output (L=1) vs S&F (L=4)")[2]
+
+
+def report_camvid_factors(sweep_dir: Path) -> str:
+    """experiment=camvid_factors' layout over all classes and over the small ones, and each job."""
+    runs = collect_runs(sweep_dir)
+    add_focus_metrics(runs, dict([CAMVID_SMALL]))
+    notes = ["Per job (mIoU %), and its wall-clock minutes (start-up and validations included):", ""]
+    notes += jobs_markdown(runs, CAMVID_SMALL[0])
+    return write_report(sweep_dir, focus=CAMVID_SMALL, notes=notes)[2]
+
+
+# experiment=camvid_cpu's trainer.max_steps (tests/test_camvid.py checks they agree).
+CAMVID_STEPS = 1600
+CAMVID_FACTOR_CELLS = (
+    "L2",
+    "L4_naive",
+    "L4_oracle",
+    "L1_no_context",
+    "L4_no_context",
+    "L4_coarse_quarter",
+    "L4_tau_low",
+    "L4_tau_high",
+)
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         "ablation_quick",
@@ -249,6 +294,22 @@ PRESETS: dict[str, Preset] = {
         DEFAULT_TABLE7_STEPS,
         "0,1,2",
         report_table7_policies,
+    ),
+    "camvid": Preset(
+        "camvid_levels",
+        ("experiment=camvid_cpu", "model.levels=1,4"),
+        CAMVID_STEPS,
+        "0,1,2",
+        report_camvid,
+        needs=("data.root",),
+    ),
+    "camvid_factors": Preset(
+        "camvid_factors",
+        ("experiment=camvid_factors", f"cell={','.join(CAMVID_FACTOR_CELLS)}"),
+        CAMVID_STEPS,
+        "0,1",
+        report_camvid_factors,
+        needs=("data.root",),
     ),
     "mechanism_levels": Preset(
         "mechanism_levels",
@@ -309,6 +370,12 @@ def main(argv: list[str] | None = None) -> None:
     raw_argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(raw_argv)
     preset = PRESETS[args.preset]
+    missing = [key for key in preset.needs if not any(override_key(o) == key for o in args.overrides)]
+    if missing:
+        parser.error(
+            f"--preset {args.preset} needs {', '.join(f'{key}=<...>' for key in missing)} "
+            "(e.g. data.root=../shared/data/camvid beside this project)"
+        )
     out = args.out or Path("multirun") / preset.task / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     command = sweep_command(
         args.preset,
@@ -319,12 +386,79 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(" ".join(command), flush=True)
     started, load_at_start = datetime.now(), os.getloadavg()[0]
-    subprocess.run(command, check=True)
+    run_with_progress(command, out)
     markdown = preset.report(out)
     header = provenance(["python", "-m", "sfseg.ablation", *raw_argv], out, started, load_at_start)
     (out / "report.md").write_text(header + "\n" + markdown)
     print(header + "\n" + markdown)
     print(f"written: {out / 'report.md'} and {out / 'report.csv'}")
+
+
+def sweep_axes(command: Sequence[str]) -> dict[str, list[str]]:
+    """The sweep axes of a command line, key -> values ("seed=0,1,2" -> {"seed": ["0", "1", "2"]})."""
+    axes = [argument.split("=", 1) for argument in command if "=" in argument and is_sweep(argument)]
+    return {key: value.split(",") for key, value in axes}
+
+
+def job_values(job: Path) -> dict[str, str]:
+    """A job's overrides (its .hydra/overrides.yaml), key -> value."""
+    overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    return dict(item.split("=", 1) for item in overrides)
+
+
+def minutes_left(axes: Mapping[str, Sequence[str]], finished: Sequence[Path]) -> float:
+    """The estimated minutes of the jobs still to run: each takes the mean of the finished jobs of its
+    kind (the same values on every axis but the seed), or of all finished jobs when none of its kind is."""
+    kinds = [key for key in axes if key != "seed"]
+    minutes: dict[tuple[str, ...], list[float]] = {}
+    done = set()
+    for job in finished:
+        values = job_values(job)
+        minutes.setdefault(tuple(values.get(key) for key in kinds), []).append(job_seconds(job) / 60)
+        done.add(tuple(values.get(key) for key in axes))
+    every = [value for values in minutes.values() for value in values]
+    left = 0.0
+    for combination in itertools.product(*axes.values()):
+        if combination not in done:
+            values = dict(zip(axes, combination, strict=True))
+            same_kind = minutes.get(tuple(values[key] for key in kinds), every)
+            left += sum(same_kind) / len(same_kind)
+    return left
+
+
+def progress_line(
+    job: Path, finished: Sequence[Path], axes: Mapping[str, Sequence[str]], started: float
+) -> str:
+    """One line as a job ends: its fused mIoU, its minutes, the minutes since the sweep started and the
+    estimated time left (`minutes_left`)."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    total = math.prod(len(values) for values in axes.values())
+    left = total - len(finished)
+    estimate = (
+        f"about {minutes_left(axes, finished):.0f} min left ({left} jobs)" if left > 0 else "no job left"
+    )
+    return (
+        f"[{len(finished)}/{total}] {job.name}: fused mIoU {100 * metrics['mIoU']:.2f} %, "
+        f"{job_seconds(job) / 60:.1f} min; {(time.time() - started) / 60:.0f} min since the start, {estimate}"
+    )
+
+
+def run_with_progress(command: Sequence[str], out: Path, poll_seconds: float = 5.0) -> None:
+    """Run the sweep, printing `progress_line` as each job writes its metrics.json."""
+    started, axes = time.time(), sweep_axes(command)
+    process = subprocess.Popen(command)
+    reported: list[Path] = []
+    while True:
+        running = process.poll() is None
+        for metrics_file in sorted(out.glob("*/metrics.json"), key=lambda path: path.stat().st_mtime):
+            if metrics_file.parent not in reported:
+                reported.append(metrics_file.parent)
+                print(progress_line(metrics_file.parent, reported, axes, started), flush=True)
+        if not running:
+            break
+        time.sleep(poll_seconds)
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
 # versions.json keys that decide a CPU run's numbers besides the seed -> how the report names them

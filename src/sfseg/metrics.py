@@ -110,6 +110,7 @@ class PyramidMetrics(_SyncedMetric):
         tau: float = 0.9,
         ignore_index: int = IGNORE_INDEX,
         rules: Sequence[str] = (),
+        test_scale: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -118,6 +119,9 @@ class PyramidMetrics(_SyncedMetric):
         self.tau = tau
         self.ignore_index = ignore_index
         self.rules = tuple(rules)
+        # Labels at their own size, the network's input resized by test_scale: a level-1 cell spans
+        # stride / test_scale label pixels (rounded) in the missed-pixel split.
+        self.coarsest_cell = max(1, round(level_strides(num_levels)[0] / test_scale))
         # Row 0 is the fused output, rows 1..L are levels 1..L.
         self.add_state(
             "confmat", torch.zeros(num_levels + 1, num_classes, num_classes, dtype=torch.long), "sum"
@@ -149,8 +153,9 @@ class PyramidMetrics(_SyncedMetric):
         rule_preds: Sequence[Tensor] = (),
     ) -> None:
         """fused_pred, level_preds (L maps) and target are [B, H, W] at label size; level_map is
-        `fuse`'s [B, h_L, w_L], and the label size must be a whole multiple of it. rule_preds: the fused
-        prediction of each of `self.rules` on the same pyramids, [B, H, W] each."""
+        `fuse`'s [B, h_L, w_L] over the image (`InputView.level_map`), spread over the label's pixels
+        (`pixel_levels`). rule_preds: the fused prediction of each of `self.rules` on the same pyramids,
+        [B, H, W] each."""
         if len(rule_preds) != len(self.rules):
             raise ValueError(f"expected one prediction per rule {list(self.rules)}, got {len(rule_preds)}")
         preds = [fused_pred, *level_preds]
@@ -158,8 +163,7 @@ class PyramidMetrics(_SyncedMetric):
             self.confmat[row] += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         oracle = oracle_prediction(fused_pred, level_preds, target)
         self.oracle += confusion_matrix(oracle, target, self.num_classes, self.ignore_index)
-        coarsest_stride = level_strides(self.num_levels)[0]
-        self.missed += missed_counts(fused_pred, level_preds, target, coarsest_stride, self.ignore_index)
+        self.missed += missed_counts(fused_pred, level_preds, target, self.coarsest_cell, self.ignore_index)
         for row, pred in enumerate(rule_preds):
             self.rule_confmat[row] += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
         self.specialization += specialization_confusion(

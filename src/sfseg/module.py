@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -12,7 +13,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from sfseg.inference import Predictor, compared_rules, fused_logits, level_predictions, rule_predictions
+from sfseg.data.transforms import check_test_scale
+from sfseg.inference import (
+    InputView,
+    Predictor,
+    compared_rules,
+    fused_logits,
+    level_predictions,
+    rule_predictions,
+)
 from sfseg.metrics import PyramidMetrics
 from sfseg.models import PyramidOutput, PyramidSegmenter
 from sfseg.models.segmenter import fuse_config
@@ -22,7 +31,9 @@ from sfseg.pyramid import (
     SEMANTIC_LOSSES,
     FuseRule,
     Ohem,
+    PyramidLoss,
     PyramidTargets,
+    build_targets,
     fuse,
     pyramid_loss,
     relabel,
@@ -47,20 +58,68 @@ OPTIMIZERS = ("sgd", "adamw")
 OCR_AUX_WEIGHT = 0.4
 
 
-def semantic_loss(config: Mapping[str, Any] | None) -> Ohem | None:
-    """model.loss as the criterion of Eq. 1's CE terms: None for `ce` (plain CE, the default and the
-    paper's text), the OHEM settings for `ohem` (HRNet-OCR's config)."""
+# model.loss.class_weights computed from the training split by sfseg.builder before the module is built.
+CLASS_WEIGHT_METHODS = ("median_frequency",)
+LOSS_KEYS = {"ce": set(), "ohem": {"thresh", "min_kept"}}
+WEIGHT_KEYS = {"class_weights", "level_weights"}
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """model.loss as Eq. 1's criterion: `ohem` (HRNet-OCR's config) or plain CE (None: the paper's
+    text) on every semantic CE term, each term weighted by class (`class_weights`, [C]) and the L terms
+    by level (`level_weights`, [L]); None: unweighted, as Eq. 1."""
+
+    ohem: Ohem | None = None
+    class_weights: tuple[float, ...] | None = None
+    level_weights: tuple[float, ...] | None = None
+
+
+def loss_settings(config: Mapping[str, Any] | None, num_classes: int, levels: int) -> LossSettings:
+    """model.loss checked: `name` ce or ohem (with thresh, min_kept); `class_weights` null or C numbers
+    >= 0 (median_frequency is turned into them by sfseg.builder from the train split); `level_weights`
+    null or L numbers >= 0 with a positive sum."""
     config = dict(config or {"name": "ce"})
     name = config.pop("name", None)
     if name not in SEMANTIC_LOSSES:
         raise ValueError(f"model.loss.name={name!r} is not one of {', '.join(SEMANTIC_LOSSES)}")
-    allowed = {"ce": set(), "ohem": {"thresh", "min_kept"}}[name]
+    allowed = LOSS_KEYS[name] | WEIGHT_KEYS
     if set(config) - allowed:
         raise ValueError(
             f"model.loss has unknown keys {sorted(set(config) - allowed)} for model.loss.name={name}; "
-            f"allowed: {sorted(allowed) or 'none'}"
+            f"allowed: {sorted(allowed)}"
         )
-    return Ohem(**config) if name == "ohem" else None
+    class_weights, level_weights = config.pop("class_weights", None), config.pop("level_weights", None)
+    if class_weights in CLASS_WEIGHT_METHODS:
+        raise ValueError(
+            f"model.loss.class_weights={class_weights} is computed from the train split when a run starts "
+            "(sfseg.builder.build); a module built without it needs the weights themselves"
+        )
+    if isinstance(class_weights, str):
+        raise ValueError(
+            f"model.loss.class_weights={class_weights!r} is not one of null, {', '.join(CLASS_WEIGHT_METHODS)} "
+            f"or a list of {num_classes} weights"
+        )
+    return LossSettings(
+        ohem=Ohem(**config) if name == "ohem" else None,
+        class_weights=weight_list(class_weights, num_classes, "model.loss.class_weights", "classes"),
+        level_weights=weight_list(level_weights, levels, "model.loss.level_weights", "levels (model.levels)"),
+    )
+
+
+def weight_list(value: Any, count: int, key: str, what: str) -> tuple[float, ...] | None:
+    """None, or `count` numbers >= 0 with a positive sum, as a tuple of floats."""
+    if value is None:
+        return None
+    numbers = value if isinstance(value, Sequence) and not isinstance(value, str) else None
+    if (
+        numbers is None
+        or len(numbers) != count
+        or not all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in numbers)
+        or not sum(numbers) > 0
+    ):
+        raise ValueError(f"{key} must be null or {count} numbers >= 0 (one per {what}), got {value!r}")
+    return tuple(float(w) for w in numbers)
 
 
 def optimizer_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -114,6 +173,13 @@ def lr_factor(step: int, total_steps: int, power: float, warmup_steps: int, warm
     return factor
 
 
+def eq1_loss(out: PyramidOutput, targets: PyramidTargets, settings: LossSettings) -> PyramidLoss:
+    """Eq. 1 of a pyramid output on (relabelled) targets, with model.loss's OHEM and weights."""
+    return pyramid_loss(
+        out.semantic, out.unity, targets, settings.ohem, settings.class_weights, settings.level_weights
+    )
+
+
 def auxiliary_weight(context: Mapping[str, Any]) -> float:
     """model.context.aux_weight: the weight of OCR's auxiliary CE in the total loss (0.4); OCR only."""
     weight = context.get("aux_weight", OCR_AUX_WEIGHT if context["name"] == "ocr" else None)
@@ -150,16 +216,16 @@ def training_loss(
     targets: PyramidTargets,
     policy: str,
     tau: float,
-    ohem: Ohem | None = None,
+    settings: LossSettings | None = None,
     aux_weight: float = 0.0,
     ignore_index: int = IGNORE_INDEX,
     fuse_rule: FuseRule | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The training loss of one batch: Eq. 1 on the targets relabelled by `policy`, plus OCR's weighted
-    auxiliary CE when the net has that head, plus the CE of the net's learned fuse (`fuse_rule`, default
-    learned with its default Up()) when the net has a fuse gate. Returns the total and its terms by their
-    logged names."""
-    loss = pyramid_loss(out.semantic, out.unity, relabel(targets, out.unity, policy, tau), ohem)
+    """The training loss of one batch: Eq. 1 on the targets relabelled by `policy` (with model.loss's
+    `settings`), plus OCR's weighted auxiliary CE when the net has that head, plus the CE of the net's
+    learned fuse (`fuse_rule`, default learned with its default Up()) when the net has a fuse gate.
+    Returns the total and its terms by their logged names."""
+    loss = eq1_loss(out, relabel(targets, out.unity, policy, tau), settings or LossSettings())
     total = loss.total
     terms = {f"train/ce_level{i}": ce for i, ce in enumerate(loss.ce, start=1)}
     terms.update({f"train/bce_level{i}": bce for i, bce in enumerate(loss.bce, start=1)})
@@ -186,7 +252,9 @@ class SpecializeAndFuseModule(L.LightningModule):
 
     `class_names`, `palette` and `label_values` (per class, the raw id or [r, g, b] colour of the
     dataset's own label files) are the training data's, kept in the checkpoint so that evaluation and
-    prediction name the classes, colour the masks and write the dataset's own ids without the data.
+    prediction name the classes, colour the masks and write the dataset's own ids without the data;
+    so is `test_scale` (data.test_scale), the factor every image is resized by before the network at
+    validation, evaluation and prediction (predictions are resized back to the image's own size).
     """
 
     def __init__(
@@ -209,6 +277,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         decoder: Mapping[str, Any] | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        test_scale: float = 1.0,
     ) -> None:
         super().__init__()
         # Plain dicts, not DictConfig, before save_hyperparameters reads the arguments (DESIGN 6).
@@ -226,7 +295,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             raise ValueError(f"model.relabel.policy={policy!r} is not one of {', '.join(RELABEL_POLICIES)}")
         unity_logit_threshold(tau)  # validates model.tau early
         self.optimizer_config = optimizer_config(optimizer)
-        self.ohem = semantic_loss(loss)
+        self.loss_settings = loss_settings(loss, num_classes, levels)
         self.fuse_settings = fuse_config(fuse)
         self.aux_weight = auxiliary_weight(context)
         self.save_hyperparameters()
@@ -235,12 +304,13 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.levels = levels
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        # The factor validation, sfseg.eval and sfseg.predict resize images by (data.test_scale).
+        self.test_scale = check_test_scale(test_scale)
         self.net = training_network(self.hparams)
         # Every training-free rule (and the net's learned one) is scored on the same pyramids.
         self.compared_rules = compared_rules(self.net)
-        self.val_metrics = PyramidMetrics(
-            num_classes, levels, tau, ignore_index, [rule.label for rule in self.compared_rules]
-        )
+        rules = [rule.label for rule in self.compared_rules]
+        self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index, rules, self.test_scale)
         self.last_val_scores: dict[str, float] = {}
         self.last_val_per_class: dict[str, list[float]] = {}
         # PyramidMetrics' states (confusion matrices, unity hits, cells per level) of the last validation.
@@ -258,6 +328,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             device=self.device,
             ignore_index=self.ignore_index,
             palette=list(palette),
+            test_scale=self.test_scale,
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -267,7 +338,7 @@ class SpecializeAndFuseModule(L.LightningModule):
             batch["targets"],
             self.policy,
             self.tau,
-            self.ohem,
+            self.loss_settings,
             self.aux_weight,
             self.ignore_index,
             self.net.fuse_rule,
@@ -296,23 +367,25 @@ class SpecializeAndFuseModule(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Accumulates the split's metrics; returns the fused prediction at label size and the level
         map for callbacks (sfseg.callbacks.WandbPyramidMedia draws them)."""
-        out = self.net(batch["image"])
         label = batch["label"]
-        targets = batch["targets"]
-        loss = pyramid_loss(
-            out.semantic, out.unity, relabel(targets, out.unity, self.policy, self.tau), self.ohem
-        )
+        # The images reach the network as sfseg.eval and sfseg.predict give them (resized by the test
+        # scale, padded); every prediction is scored on the labels at their own size.
+        view = InputView.of(label.shape[-2:], self.test_scale, self.net.size_divisor)
+        out = self.net(view.images(batch["image"]))
+        targets = build_targets(view.labels(label, self.ignore_index), self.levels, self.ignore_index)
+        loss = eq1_loss(out, relabel(targets, out.unity, self.policy, self.tau), self.loss_settings)
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
-        fused, level_map = fused_logits(out, label.shape[-2:], self.tau, rule=self.net.fuse_rule)
+        fused, level_map = fused_logits(out, view, self.tau, rule=self.net.fuse_rule)
         fused_pred = fused.argmax(1)
+        level_map = view.level_map(level_map)
         self.val_metrics.update(
             fused_pred=fused_pred,
-            level_preds=level_predictions(out, label.shape[-2:]),
+            level_preds=level_predictions(out, view),
             target=label,
             unity_logits=out.unity,
             unity_targets=targets.unity,
             level_map=level_map,
-            rule_preds=rule_predictions(out, label.shape[-2:], self.tau, self.compared_rules),
+            rule_preds=rule_predictions(out, view, self.tau, self.compared_rules),
         )
         return {"fused_pred": fused_pred, "level_map": level_map}
 

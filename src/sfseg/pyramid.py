@@ -480,11 +480,19 @@ def ohem_keep(probability: Tensor, valid: Tensor, thresh: float, min_kept: int) 
 
 
 def semantic_ce(
-    logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, ohem: Ohem | None = None
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    ohem: Ohem | None = None,
+    class_weights: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """One CE term of Eq. 1: the mean over the target's non-ignored elements (with `ohem`: over
     those OHEM keeps); exactly 0 when none is left. Logits smaller than the target (level L) are
-    upsampled bilinearly to its size first (DESIGN 1), as HRNet does."""
+    upsampled bilinearly to its size first (DESIGN 1), as HRNet does.
+
+    class_weights [C] (e.g. SegNet's median frequency balancing): each element's CE is weighted by its
+    true class's weight and the term is their weighted mean, sum(w * CE) / sum(w), as torch's
+    `cross_entropy(weight=...)` averages; OHEM still ranks by the unweighted probability."""
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     per_element = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
@@ -492,7 +500,12 @@ def semantic_ce(
     if ohem is not None:
         # CE is -log p(true class): exp(-CE) is the softmax probability that OHEM ranks.
         kept = ohem_keep(torch.exp(-per_element.detach()), kept, ohem.thresh, ohem.min_kept)
-    return torch.where(kept, per_element, 0.0).sum() / kept.sum().clamp(min=1)
+    if class_weights is None:
+        return torch.where(kept, per_element, 0.0).sum() / kept.sum().clamp(min=1)
+    weights = torch.as_tensor(class_weights, dtype=per_element.dtype, device=per_element.device)
+    element_weights = torch.where(kept, weights[torch.where(kept, target, 0)], 0.0)
+    total_weight = element_weights.sum().clamp(min=torch.finfo(weights.dtype).tiny)
+    return (element_weights * per_element).sum() / total_weight  # no kept element: exactly 0
 
 
 @dataclass(frozen=True)
@@ -509,16 +522,20 @@ def pyramid_loss(
     unity_logits: list[Tensor],
     targets: PyramidTargets,
     ohem: Ohem | None = None,
+    class_weights: Sequence[float] | Tensor | None = None,
+    level_weights: Sequence[float] | None = None,
 ) -> PyramidLoss:
     """Eq. 1: mean over L levels of CE plus mean over L-1 levels of BCE.
 
     Each term is averaged over its non-ignored elements; a level with no valid target adds exactly 0.
     The finest logits are upsampled bilinearly to the label size (DESIGN 1), as HRNet does.
-    `ohem` (HRNet-OCR's config, not Eq. 1's text) restricts each CE term to its hard elements.
+    Beyond Eq. 1's text: `ohem` (HRNet-OCR's config) restricts each CE term to its hard elements;
+    `class_weights` [C] weight every level's CE by class (`semantic_ce`); `level_weights` [L] replace
+    the mean of the L CE terms by their weighted mean, sum(w_l CE_l) / sum(w_l) (all equal: Eq. 1).
     """
     ignore = targets.ignore_index
     ce = [
-        semantic_ce(logits, target, ignore, ohem)
+        semantic_ce(logits, target, ignore, ohem, class_weights)
         for logits, target in zip(semantic_logits, targets.semantic, strict=True)
     ]
     bce: list[Tensor] = []
@@ -527,7 +544,13 @@ def pyramid_loss(
         is_unity = (target == 1).float()
         per_cell = F.binary_cross_entropy_with_logits(logits.float(), is_unity, reduction="none")
         bce.append(torch.where(valid, per_cell, 0.0).sum() / valid.sum().clamp(min=1))
-    total = torch.stack(ce).mean()
+    if level_weights is None:
+        total = torch.stack(ce).mean()
+    else:
+        if len(level_weights) != len(ce):
+            raise ValueError(f"level_weights has {len(level_weights)} weights for {len(ce)} levels")
+        weights = torch.tensor(level_weights, dtype=ce[0].dtype, device=ce[0].device)
+        total = (weights * torch.stack(ce)).sum() / weights.sum()
     if bce:
         total = total + torch.stack(bce).mean()
     return PyramidLoss(total=total, ce=ce, bce=bce)

@@ -40,6 +40,7 @@ import yaml
 
 from sfseg.analysis import class_iou, specialization_miou
 from sfseg.pyramid import FuseRule
+from sfseg.visualize import arms_figure, save_figure
 
 DEFAULT_METRICS = ("mIoU", "mIoU_finest")
 # The fuse's headroom columns (docs/fuse.md): metric, header. mIoU_fuse_<rule>: that rule on the same
@@ -661,4 +662,219 @@ def mechanism_goals(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int]
         f"3. Share of finest cells taken from the coarse levels 1..{top - 1}: {mean_share:.1f} % "
         f"(per job: {', '.join(f'{share:.1f}' for share in coarse_shares)}): {verdict(min(coarse_shares) > 50)}"
     )
+    return lines
+
+
+STUDY_RESULTS = "optimization_results.yaml"  # what Hydra's Optuna sweeper writes into the sweep folder
+
+
+def study_parameters(job: str | Path) -> list[str]:
+    """The keys an Optuna study samples (hydra.sweeper.params of the trial's .hydra/hydra.yaml)."""
+    hydra = yaml.safe_load((Path(job) / ".hydra" / "hydra.yaml").read_text())["hydra"]
+    return list((hydra.get("sweeper") or {}).get("params") or {})
+
+
+def write_study_report(sweep_dir: str | Path) -> tuple[Path, Path, str]:
+    """The report of an Optuna study (`hparams_search=...`): one row per finished trial, best first, with
+    its sampled parameters, fused / finest / level-1 mIoU, steps and minutes, then the search space and
+    the sweeper's best parameters. Writes report.md and report.csv into the sweep folder."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    keys = study_parameters(runs[0]["job"])
+    space = yaml.safe_load((Path(runs[0]["job"]) / ".hydra" / "hydra.yaml").read_text())["hydra"]["sweeper"]
+    rows = []
+    for run in sorted(runs, key=lambda run: -run["metrics"]["mIoU"]):
+        metrics = run["metrics"]
+        row = {"trial": Path(run["job"]).name, **{key: run["overrides"].get(key, "") for key in keys}}
+        row.update(
+            {
+                "mIoU": metrics["mIoU"],
+                "mIoU_finest": metrics["mIoU_finest"],
+                "mIoU_level1": metrics.get("mIoU_level1", metrics["mIoU"]),
+                "steps": metrics.get("step"),
+                "minutes": job_seconds(run["job"]) / 60,
+            }
+        )
+        rows.append(row)
+    header = ["trial", *keys, "fused", "finest only", "level 1", "steps", "minutes"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        scores = [format_percent(100 * row[key]) for key in ("mIoU", "mIoU_finest", "mIoU_level1")]
+        texts = [row["trial"], *(short_number(row[key]) for key in keys), *scores]
+        lines.append("| " + " | ".join([*texts, str(row["steps"]), f"{row['minutes']:.1f}"]) + " |")
+    lines += ["", "mIoU (%) of each trial's final validation. The search space (Hydra's Optuna sweeper):", ""]
+    lines += [f"- `{key}`: `{value}`" for key, value in space["params"].items()]
+    sampler = space.get("sampler") or {}
+    lines += [
+        "",
+        f"{len(runs)} trials finished of {space.get('n_trials')}; sampler {sampler.get('_target_')} "
+        f"(seed {sampler.get('seed')}, {sampler.get('n_startup_trials')} random trials first).",
+    ]
+    unfinished = unfinished_jobs(sweep_dir)
+    if unfinished:
+        lines.append(f"{len(unfinished)} trial(s) have no metrics.json (failed or still running).")
+    results_file = sweep_dir / STUDY_RESULTS
+    if results_file.is_file():
+        results = yaml.safe_load(results_file.read_text())
+        best = ", ".join(f"`{key}={short_number(value)}`" for key, value in results["best_params"].items())
+        lines += [
+            "",
+            f"Best (the sweeper's {STUDY_RESULTS}): {best}, fused mIoU {100 * results['best_value']:.2f} %.",
+        ]
+    markdown = "\n".join(lines) + "\n"
+    md_path, csv_path = sweep_dir / "report.md", sweep_dir / "report.csv"
+    md_path.write_text(markdown)
+    write_csv(csv_path, rows)
+    return md_path, csv_path, markdown
+
+
+def short_number(value: Any) -> str:
+    """A sampled value as text, floats to 4 significant digits ("0.002289851" -> "0.00229")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if float(number).is_integer() and "." not in str(value) else f"{number:.4g}"
+
+
+LEVELS_METRICS = (
+    ("mIoU", "fused"),
+    ("mIoU_finest", "finest only"),
+    ("mIoU_level1", "level 1 alone"),
+    ("mIoU_oracle", "oracle fuse"),
+)
+
+
+def validation_curve(job: str | Path) -> tuple[list[int], list[float]]:
+    """A job's val mIoU (%) at each validation during training (its csv/metrics.csv), by step."""
+    path = Path(job) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return [], []
+    with path.open() as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/mIoU")]
+    return [int(row["step"]) for row in rows], [100 * float(row["val/mIoU"]) for row in rows]
+
+
+def write_levels_report(
+    sweep_dir: str | Path, small: tuple[str, Sequence[str]], title: str = ""
+) -> tuple[Path, Path, str]:
+    """The report of an L=1 vs L>1 sweep on real data (`python -m sfseg.ablation --preset camvid`):
+    report.md, report.csv (one line per L) and report.png; returns their paths (md, csv) and the markdown.
+
+    report.md: per L, mean ± spread over seeds of the fused, finest-only, level-1 and oracle-fuse mIoU,
+    the fused mIoU over the `small` classes and over the others, and the minutes per job; per-class IoU
+    (mean ± spread) with the small classes apart; Table 9 and the share of cells of one job of the
+    largest L; each job's scores, steps and minutes. report.png: `arms_figure` (per-class IoU of each L
+    with its spread; val mIoU over the steps)."""
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    name, small_classes = small
+    classes = list(runs[0]["metrics"]["per_class_iou"])
+    others = (f"other {len(classes) - len(small_classes)}", [c for c in classes if c not in small_classes])
+    add_focus_metrics(runs, dict([small, others]))
+    levels_of = {run["job"]: int(run["config"]["model"]["levels"]) for run in runs}
+    columns = [*LEVELS_METRICS, (focus_metric("mIoU", name), f"fused, {name} classes")]
+    columns.append((focus_metric("mIoU", others[0]), f"fused, {others[0]} classes"))
+    rows, table = levels_table(runs, levels_of, columns)
+    lines = [f"### {title or 'Single output (L=1) vs the pyramid'}: mIoU (%)", "", *table]
+    lines += [
+        "",
+        "Mean ± spread (sample standard deviation) over seeds. Finest only: the finest level's own prediction "
+        "(Table 8's auxiliary supervision); level 1 alone: the coarsest level's; oracle fuse: right wherever "
+        f"some level is (docs/fuse.md). {name} classes: {', '.join(small_classes)}.",
+        "",
+        "### Per-class IoU of the fused output (%, mean ± spread over seeds)",
+        "",
+        *per_class_spread_markdown(runs, levels_of, small_classes),
+    ]
+    top = max(levels_of.values())
+    if top > 1:
+        shown = min(
+            (run for run in runs if levels_of[run["job"]] == top), key=lambda run: job_order(run["job"])
+        )
+        lines += [
+            "",
+            f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
+            "pixels the fused map takes from level l",
+            "",
+            table9_markdown(shown["job"]).rstrip(),
+        ]
+    lines += [
+        "",
+        "### Each job: mIoU (%), steps and wall-clock minutes (start-up and validations included)",
+        "",
+    ]
+    lines += jobs_markdown(runs)
+    save_figure(levels_figure(runs, levels_of, small_classes, title), sweep_dir / "report.png")
+    lines += ["", "![per-class IoU and validation curves](report.png)"]
+    markdown = "\n".join(lines) + "\n"
+    md_path, csv_path = sweep_dir / "report.md", sweep_dir / "report.csv"
+    md_path.write_text(markdown)
+    write_csv(csv_path, rows)
+    return md_path, csv_path, markdown
+
+
+def levels_table(
+    runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], columns: Sequence[tuple[str, str]]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per L, mean ± spread over seeds of each (metric, header) column and the mean minutes per job: the
+    rows (`summarize`'s, with minutes_mean) and their markdown table."""
+    metrics = [metric for metric, _ in columns]
+    rows = sorted(summarize(runs, ["model.levels"], metrics), key=lambda row: int(row["model.levels"]))
+    header = ["L", "seeds", *(label for _, label in columns), "minutes per job"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        jobs = [job for job, level in levels_of.items() if str(level) == row["model.levels"]]
+        row["minutes_mean"] = statistics.fmean(job_seconds(job) / 60 for job in jobs)
+        texts = [f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in metrics]
+        texts.append(f"{row['minutes_mean']:.1f}")
+        lines.append(f"| {row['model.levels']} | {row['seeds']} | " + " | ".join(texts) + " |")
+    return rows, lines
+
+
+def levels_figure(
+    runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], small_classes: Sequence[str], title: str
+) -> Any:
+    """`arms_figure` of a levels sweep: one arm per L, its per-class IoU per seed and validation curves."""
+    levels = sorted(set(levels_of.values()))
+    arms = {f"L={level}": [run for run in runs if levels_of[run["job"]] == level] for level in levels}
+    classes = list(runs[0]["metrics"]["per_class_iou"])
+
+    def iou(run: dict[str, Any], cls: str) -> float:
+        value = run["metrics"]["per_class_iou"][cls]
+        return float("nan") if value is None else 100 * value
+
+    per_class = {
+        arm: {cls: [iou(run, cls) for run in members] for cls in classes} for arm, members in arms.items()
+    }
+    curves = {arm: [validation_curve(run["job"]) for run in members] for arm, members in arms.items()}
+    return arms_figure(per_class, curves, small_classes, title)
+
+
+def per_class_spread_markdown(
+    runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], small_classes: Sequence[str]
+) -> list[str]:
+    """One row per class (the small classes first, in bold, then the others after a separator row), one
+    column per L: the fused IoU (%) as mean ± spread over the seeds of that L."""
+    levels = sorted(set(levels_of.values()))
+    classes = list(runs[0]["metrics"]["per_class_iou"])
+    others = [c for c in classes if c not in small_classes]
+    lines = [
+        "| class | " + " | ".join(f"L={level}" for level in levels) + " |",
+        "|" + "---|" * (len(levels) + 1),
+    ]
+    for cls in [*(c for c in classes if c in small_classes), *others]:
+        if others and cls == others[0]:
+            lines.append("| *other classes* |" + " |" * len(levels))
+        texts = []
+        for level in levels:
+            values = [
+                100 * run["metrics"]["per_class_iou"][cls]
+                for run in runs
+                if levels_of[run["job"]] == level and run["metrics"]["per_class_iou"][cls] is not None
+            ]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            texts.append(f"{statistics.fmean(values):.2f} ± {spread:.2f}" if values else "-")
+        label = f"**{cls}**" if cls in small_classes else cls
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
     return lines

@@ -64,6 +64,22 @@ def job_folder_label(override_dirname: str, max_length: int = 100) -> str:
     return override_dirname.replace("/", ".")[:max_length]
 
 
+def equal_time_steps(steps: int, reference_crop: int | list[int], crop: int | list[int]) -> int:
+    """The `sfseg_equal_time_steps` config resolver: `steps` at `reference_crop` scaled by the area ratio
+    of the crops (int or [H, W]), so that runs with other crops train for about the same time."""
+
+    def area(size: int | list[int]) -> int:
+        return size * size if isinstance(size, int) else size[0] * size[1]
+
+    return max(1, round(steps * area(reference_crop) / area(crop)))
+
+
+def scale_range(test_scale: float, ratio: float) -> list[float]:
+    """The `sfseg_scale_range` config resolver: training's random scale range around the test scale,
+    from test_scale / ratio to test_scale x ratio (even on a log scale)."""
+    return [test_scale / ratio, test_scale * ratio]
+
+
 # conf/hydra/launcher/submitit_slurm.yaml spells out every key of the plugin's config of the same name,
 # so Hydra's deprecated merge onto that schema changes nothing; its warning would only alarm users.
 warnings.filterwarnings(
@@ -71,6 +87,8 @@ warnings.filterwarnings(
 )
 OmegaConf.register_new_resolver("per_device_batch", per_device_batch, replace=True)
 OmegaConf.register_new_resolver("job_folder_label", job_folder_label, replace=True)
+OmegaConf.register_new_resolver("sfseg_equal_time_steps", equal_time_steps, replace=True)
+OmegaConf.register_new_resolver("sfseg_scale_range", scale_range, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -82,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     configure_wandb(cfg, run_dir)
     if rank_zero_only.rank == 0:
         save_run_record(cfg, run_dir)
-    datamodule, model, trainer = build(cfg)
+    datamodule, model, trainer = build(cfg, run_dir)
     check_processes(trainer)
     last = last_checkpoint_path(trainer, run_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), last)

@@ -223,6 +223,55 @@ def fig3_figure(specialization: Mapping[str, Any]) -> plt.Figure:
     return fig
 
 
+def arms_figure(
+    per_class: Mapping[str, Mapping[str, Sequence[float]]],
+    curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]],
+    highlighted: Sequence[str] = (),
+    title: str = "",
+) -> plt.Figure:
+    """Arms of a sweep side by side (e.g. L=1 and L=4): per class, the fused IoU of each arm as a bar at
+    the mean over seeds with the spread (sample standard deviation) as an error bar, the `highlighted`
+    classes' names in bold (left); each job's val mIoU over the training steps, one line per seed (right).
+    per_class: arm -> class -> IoU per seed (percent, NaN where absent); curves: arm -> [(steps, mIoU %)]."""
+    arms = list(per_class)
+    classes = list(next(iter(per_class.values())))
+    colours = plt.get_cmap("tab10")
+    fig, (bars_ax, curve_ax) = plt.subplots(
+        1, 2, figsize=(0.55 * len(classes) * len(arms) / 2 + 7.5, 4.4), gridspec_kw={"width_ratios": [2, 1]}
+    )
+    width = 0.8 / len(arms)
+    for index, arm in enumerate(arms):
+        values = [np.asarray(per_class[arm][name], dtype=float) for name in classes]
+        means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in values]
+        spreads = [np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0 for v in values]
+        positions = np.arange(len(classes)) + (index - (len(arms) - 1) / 2) * width
+        bars_ax.bar(positions, means, width, yerr=spreads, capsize=2, label=arm, color=colours(index))
+    bars_ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=8)
+    for label in bars_ax.get_xticklabels():
+        label.set_fontweight("bold" if label.get_text() in highlighted else "normal")
+    bars_ax.set_ylabel("IoU (%), mean ± spread over seeds")
+    bars_ax.set_ylim(0, 100)
+    bars_ax.legend(fontsize=8)
+    for index, arm in enumerate(arms):
+        for number, (steps, values) in enumerate(curves.get(arm, ())):
+            curve_ax.plot(
+                steps,
+                values,
+                marker="o",
+                markersize=3,
+                color=colours(index),
+                label=arm if number == 0 else None,
+            )
+    curve_ax.set_xlabel("training step")
+    curve_ax.set_ylabel("val mIoU (%), fused")
+    curve_ax.set_title("validation during training, one line per seed", fontsize=9)
+    curve_ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

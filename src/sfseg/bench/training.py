@@ -85,7 +85,7 @@ def step_seconds(model: Any, datamodule: Any, batch: dict, warmup: int, repeats:
         out = model.net(prepared["image"])
         marks.append(time.perf_counter())
         loss, _ = training_loss(
-            out, prepared["targets"], model.policy, model.tau, model.ohem, model.aux_weight,
+            out, prepared["targets"], model.policy, model.tau, model.loss_settings, model.aux_weight,
             model.ignore_index, model.net.fuse_rule,
         )  # fmt: skip
         marks.append(time.perf_counter())

@@ -7,7 +7,6 @@ unity cells per pyramid level, as CSV files and bar charts. See conf/browse.yaml
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,7 @@ from omegaconf import DictConfig
 
 from sfseg.cli import hydra_main
 from sfseg.data.datamodule import SegmentationDataModule
-from sfseg.data.statistics import SplitStatistics, split_statistics, write_csv
-from sfseg.data.transforms import val_transform
+from sfseg.data.statistics import SplitStatistics, count_split, write_csv
 from sfseg.pyramid import build_targets
 from sfseg.visualize import save_figure, statistics_figure, target_pyramid_figure
 
@@ -50,20 +48,6 @@ def draw_samples(datamodule: SegmentationDataModule, n: int, seed: int, out: Pat
         )
         paths.append(save_figure(figure, out / "samples" / f"sample_{number:02d}.png"))
     return paths
-
-
-def count_split(datamodule: SegmentationDataModule, split: str) -> SplitStatistics:
-    """The statistics of a whole split, each image unaugmented and padded to the coarsest stride."""
-    dataset = copy.copy(datamodule.train_set if split == "train" else datamodule.val_set)
-    dataset.transform = val_transform(datamodule.coarsest_stride, ignore_index=datamodule.ignore_index)
-    return split_statistics(
-        dataset,
-        datamodule.classes,
-        datamodule.num_levels,
-        datamodule.ignore_index,
-        datamodule.num_workers,
-        description=f"counting the {split} split",
-    )
 
 
 def browse(cfg: DictConfig) -> Path:

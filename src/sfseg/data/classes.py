@@ -209,6 +209,19 @@ CITYSCAPES_PALETTE: tuple[tuple[int, int, int], ...] = (
 )  # fmt: skip
 
 
+# CamVid, the 11 classes of SegNet's 360 x 480 release (ids 0..10; 11 is void), in SegNet's order and with
+# SegNet's colours (its Scripts/camvid11 colour table).
+CAMVID_CLASSES: tuple[str, ...] = (
+    "sky", "building", "pole", "road", "sidewalk", "tree", "sign-symbol", "fence", "car", "pedestrian",
+    "bicyclist",
+)  # fmt: skip
+CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)  # fmt: skip
+# The thin and small classes, which the literature reports apart (and which median frequency balancing lifts).
+CAMVID_SMALL_CLASSES: tuple[str, ...] = ("pole", "sign-symbol", "fence", "pedestrian", "bicyclist")
+
 # Class names -> palette: a model of a known dataset draws in that dataset's colours, whatever palette
 # its checkpoint recorded (checkpoints written before the datasets' own palettes came in hold others).
 KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], ...] = (
@@ -217,6 +230,7 @@ KNOWN_PALETTES: tuple[tuple[tuple[str, ...], tuple[tuple[int, int, int], ...]], 
     (COCO_STUFF_CLASSES, COCO_STUFF_PALETTE),
     (PASCAL_CONTEXT59_CLASSES, PASCAL_CONTEXT59_PALETTE),
     (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
+    (CAMVID_CLASSES, CAMVID_PALETTE),
 )
 
 

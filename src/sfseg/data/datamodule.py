@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from sfseg.data.transforms import seed_worker, train_transform, val_transform
+from sfseg.data.transforms import check_test_scale, seed_worker, train_transform, val_transform
 from sfseg.pyramid import IGNORE_INDEX, build_targets, level_strides
 
 
@@ -36,9 +38,13 @@ class SegmentationDataModule(L.LightningDataModule):
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
         val_pad: bool = True,
+        test_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.val_pad = val_pad
+        # The model sees every validation, test and predicted image resized by this factor, and is scored
+        # on the labels at their own size (sfseg.inference.InputView); it goes into the checkpoint.
+        self.test_scale = check_test_scale(test_scale)
         self.num_levels = num_levels
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -67,8 +73,9 @@ class SegmentationDataModule(L.LightningDataModule):
     @property
     def val_pad_divisor(self) -> int | None:
         """Validation images are padded to this multiple; None when the consumer pads them itself
-        (evaluation rescales the original image for multi-scale testing, then pads)."""
-        return self.size_divisor if self.val_pad else None
+        (evaluation rescales the original image for multi-scale testing, then pads; with a test scale,
+        validation resizes the image and pads it too, so the labels keep their own size)."""
+        return self.size_divisor if self.val_pad and self.test_scale == 1.0 else None
 
     def match_network(self, size_divisor: int) -> None:
         """Pad validation images and check training sizes to the network's size divisor
@@ -100,14 +107,25 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size, shuffle=False)
 
     def val_examples(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `count` validation images [N, 3, H, W] and labels [N, H, W] (for pictures)."""
-        images, labels = [], []
-        for batch in self.val_dataloader():
-            images.append(batch["image"])
-            labels.append(batch["label"])
-            if sum(len(chunk) for chunk in images) >= count:
-                break
-        return torch.cat(images)[:count], torch.cat(labels)[:count]
+        """`count` validation images [N, 3, H, W] and labels [N, H, W] spread evenly over the split, first
+        and last included (for pictures: a split of video frames, as CamVid's, sorted by name holds runs of
+        consecutive frames of one scene)."""
+        if self.val_set is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for val examples")
+        total = len(self.val_set)
+        indices = np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
+        samples = [self.val_set[int(index)] for index in indices]
+        # Images of different sizes are padded at the bottom and right to the largest (labels: ignored).
+        height = max(sample["label"].shape[-2] for sample in samples)
+        width = max(sample["label"].shape[-1] for sample in samples)
+
+        def padded(tensor: torch.Tensor, value: int) -> torch.Tensor:
+            return F.pad(tensor, (0, width - tensor.shape[-1], 0, height - tensor.shape[-2]), value=value)
+
+        return (
+            torch.stack([padded(sample["image"], 0) for sample in samples]),
+            torch.stack([padded(sample["label"], self.ignore_index) for sample in samples]),
+        )
 
     def _loader(self, dataset: Dataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
@@ -124,7 +142,10 @@ class SegmentationDataModule(L.LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict) and "label" in batch:
+        # Training batches only: validation builds its targets on the network's grid, after the test
+        # scale (SpecializeAndFuseModule.validation_step).
+        training = self.trainer is None or self.trainer.training
+        if training and isinstance(batch, dict) and "label" in batch:
             batch["targets"] = build_targets(batch["label"], self.num_levels, self.ignore_index)
         return batch
 

@@ -24,6 +24,8 @@ from torch.utils.data import Dataset
 from sfseg.data.classes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     COCO_STUFF_CLASSES,
@@ -50,6 +52,8 @@ PASCAL_CONTEXT_VOCABULARY_SIZE = 459
 # every other labelId 0..33 is ignored, as in that table (license plate, id -1, is never drawn).
 CITYSCAPES_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 CITYSCAPES_NUM_LABEL_IDS = 34
+# CamVid (SegNet's release): ids 0..10 are the classes, 11 is void.
+CAMVID_VOID = 11
 
 
 class Sample(NamedTuple):
@@ -370,8 +374,28 @@ cityscapes/                           <- data.root (leftImg8bit_trainvaltest.zip
 └── gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png ...""",
 )
 
+CAMVID = Layout(
+    name="camvid",
+    classes=CAMVID_CLASSES,
+    palette=CAMVID_PALETTE,
+    raw_to_class={raw: raw for raw in range(len(CAMVID_CLASSES))},
+    ignore_raw=(CAMVID_VOID,),
+    splits=("train", "val", "test"),
+    image_dir="{split}",
+    label_dir="{split}annot",
+    image_suffix=".png",
+    label_suffix=".png",
+    tree="""\
+camvid/                               <- data.root (SegNet's 11-class, 360 x 480 release)
+├── train/0001TP_006690.png ...       (367 RGB images)
+├── trainannot/0001TP_006690.png ...  (same names; 8-bit ids 0..10 = classes, 11 = void)
+├── val/, valannot/                   (101 pairs)
+└── test/, testannot/                 (233 pairs; data.val_split=test scores them)""",
+)
+
 LAYOUTS: dict[str, Layout] = {
-    layout.name: layout for layout in (ADE20K, COCO_STUFF10K, COCO_STUFF164K, PASCAL_CONTEXT59, CITYSCAPES)
+    layout.name: layout
+    for layout in (ADE20K, COCO_STUFF10K, COCO_STUFF164K, PASCAL_CONTEXT59, CITYSCAPES, CAMVID)
 }
 
 

@@ -1,5 +1,6 @@
-"""DataModules of the paper's datasets (Sec. 5): ADE20K, COCO-Stuff-10k/164k and Pascal-Context-59, and
-of Cityscapes (the first dataset of HRNet-Semantic-Segmentation and of most segmentation papers).
+"""DataModules of the paper's datasets (Sec. 5): ADE20K, COCO-Stuff-10k/164k and Pascal-Context-59, of
+Cityscapes (the first dataset of HRNet-Semantic-Segmentation and of most segmentation papers) and of CamVid
+(real street scenes small enough to train on a CPU).
 
 Each reads its official (or documented converted) layout under `data.root` (see `sfseg.data.datasets`),
 trains with the paper's augmentation (`transforms.train_transform`) and validates on the full image
@@ -18,6 +19,7 @@ from hydra.utils import get_class
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.datasets import (
     ADE20K,
+    CAMVID,
     CITYSCAPES,
     COCO_STUFF10K,
     COCO_STUFF164K,
@@ -190,6 +192,13 @@ class CityscapesDataModule(FileDataModule):
     `gtFine/{split}/<city>/*_gtFine_labelIds.png` (labelIds -> trainIds 0..18, every other id ignored)."""
 
     layout = CITYSCAPES
+
+
+class CamVidDataModule(FileDataModule):
+    """CamVid, 11 classes (SegNet's 360 x 480 release): `<split>/` images and `<split>annot/` labels of the
+    same name, splits train, val and test; void (11) is ignored."""
+
+    layout = CAMVID
 
 
 def training_layout(data_target: str | None, class_names: Sequence[str]) -> Layout | None:

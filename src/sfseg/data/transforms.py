@@ -118,3 +118,10 @@ def size_pair(value: int | Sequence[int], key: str) -> tuple[int, int]:
     if len(pair) != 2 or min(pair) < 1:
         raise ValueError(f"{key} must be a positive int or [H, W], got {value}")
     return pair
+
+
+def check_test_scale(scale: float, key: str = "data.test_scale") -> float:
+    """A test scale: a number > 0 (1.0: images reach the network at their own size)."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not scale > 0:
+        raise ValueError(f"{key} must be a number > 0 (1.0: no resizing), got {scale!r}")
+    return float(scale)

@@ -12,7 +12,7 @@ pixels with `fused_logits` (Eq. 2's fuse, then bilinear upsampling), and predict
 passes here: whole image padded to the size divisor, sliding window, multi-scale + flip.
 
     pixels      fused_logits, level_predictions, compared_rules, rule_predictions, upsample, pad_images,
-                pad_to_divisor
+                pad_to_divisor, InputView (test scale, padding and back)
     passes      InferenceSettings, image_logits, whole_logits, slide_logits, tta_probabilities
     loading     load, Predictor, Prediction, resolve_device, autocast
     evaluation  evaluate, Evaluation, per_class_table, write_per_class_csv, write_tau_sweep,
@@ -48,6 +48,7 @@ from sfseg.inference.passes import (
     window_starts,
 )
 from sfseg.inference.pixels import (
+    InputView,
     compared_rules,
     fused_logits,
     level_predictions,
@@ -65,6 +66,7 @@ __all__ = [
     "Evaluation",
     "ExportedModel",
     "InferenceSettings",
+    "InputView",
     "Prediction",
     "Predictor",
     "autocast",

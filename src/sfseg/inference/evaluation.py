@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -22,10 +21,10 @@ from tqdm import tqdm
 from sfseg.inference.loading import Predictor
 from sfseg.inference.passes import InferenceSettings, tta_probabilities
 from sfseg.inference.pixels import (
+    InputView,
     compared_rules,
     fused_logits,
     level_predictions,
-    pad_to_divisor,
     rule_predictions,
 )
 from sfseg.metrics import PyramidMetrics, SegmentationMetrics, TauSweepMetrics, UnityCalibration
@@ -206,7 +205,9 @@ def evaluate(
     classes, levels, ignore = predictor.num_classes, predictor.levels, predictor.ignore_index
     prediction = SegmentationMetrics(classes, ignore).to(device)
     rules = compared_rules(predictor.net)
-    pyramid = PyramidMetrics(classes, levels, tau, ignore, [rule.label for rule in rules]).to(device)
+    pyramid = PyramidMetrics(
+        classes, levels, tau, ignore, [rule.label for rule in rules], test_scale=predictor.test_scale
+    ).to(device)
     calibration = UnityCalibration(levels, calibration_bins, ignore).to(device)
     sweep = TauSweepMetrics(classes, levels, tau_sweep, ignore).to(device) if tau_sweep else None
     clock = _Stopwatch(device)
@@ -225,7 +226,7 @@ def evaluate(
             if settings.single_pass:
                 pred = fused_pred if settings.fuse else finest_pred
             else:
-                pred = tta_probabilities(predictor.net, images, settings, tau).argmax(1)
+                pred = tta_probabilities(predictor.net, images, settings, tau, predictor.test_scale).argmax(1)
         prediction.update(pred, labels)
     return Evaluation(
         prediction,
@@ -250,41 +251,42 @@ def _score_pyramid(
     sweep: TauSweepMetrics | None,
     clock: _Stopwatch,
 ) -> tuple[Tensor, Tensor]:
-    """The single-scale whole-image pass: update the pyramid metrics, the unity calibration and the tau
-    sweep, return the fused and the finest-only predictions [B, H, W]. Padding is labelled ignore, so
-    it is never scored."""
-    height, width = labels.shape[-2:]
-    padded = pad_to_divisor(images, predictor.net.size_divisor)
-    padded_labels = F.pad(
-        labels, (0, padded.shape[-1] - width, 0, padded.shape[-2] - height), value=predictor.ignore_index
-    )
-    out = predictor.net(padded)
-    fused, level_map = fused_logits(out, padded.shape[-2:], predictor.tau, rule=predictor.fuse_rule)
+    """The single-scale whole-image pass at the model's test scale (`InputView`): update the pyramid
+    metrics, the unity calibration and the tau sweep, return the fused and the finest-only predictions
+    [B, H, W], every one scored on the labels at their own size. The unity pyramid is scored on the
+    network's cells, against the labels brought to its input grid."""
+    view = InputView.of(labels.shape[-2:], predictor.test_scale, predictor.net.size_divisor)
+    out = predictor.net(view.images(images))
+    fused, level_map = fused_logits(out, view, predictor.tau, rule=predictor.fuse_rule)
     fused_pred = fused.argmax(1)
-    level_preds = level_predictions(out, padded.shape[-2:])
-    unity_targets = build_targets(padded_labels, predictor.levels, predictor.ignore_index).unity
+    level_preds = level_predictions(out, view)
+    unity_targets = build_targets(
+        view.labels(labels, predictor.ignore_index), predictor.levels, predictor.ignore_index
+    ).unity
     metrics.update(
         fused_pred=fused_pred,
         level_preds=level_preds,
-        target=padded_labels,
+        target=labels,
         unity_logits=out.unity,
         unity_targets=unity_targets,
-        level_map=level_map,
-        rule_preds=rule_predictions(out, padded.shape[-2:], predictor.tau, rules),
+        level_map=view.level_map(level_map),
+        rule_preds=rule_predictions(out, view, predictor.tau, rules),
     )
     calibration.update(out.unity, unity_targets)
     if sweep is not None:
         with clock("tau_sweep"):
-            _sweep_taus(out, padded_labels, sweep, predictor.fuse_rule)
-    return fused_pred[..., :height, :width], level_preds[-1][..., :height, :width]
+            _sweep_taus(out, view, labels, sweep, predictor.fuse_rule)
+    return fused_pred, level_preds[-1]
 
 
-def _sweep_taus(out: PyramidOutput, labels: Tensor, sweep: TauSweepMetrics, rule: FuseRule) -> None:
+def _sweep_taus(
+    out: PyramidOutput, view: InputView, labels: Tensor, sweep: TauSweepMetrics, rule: FuseRule
+) -> None:
     """Fuse the same pyramid output with `rule` at every tau of the sweep and score it against labels
     [B, H, W] (a rule that does not read tau gives the same row at every tau)."""
     for index, tau in enumerate(sweep.taus):
-        fused, level_map = fused_logits(out, labels.shape[-2:], tau, rule=rule)
-        sweep.update(index, fused.argmax(1), labels, level_map)
+        fused, level_map = fused_logits(out, view, tau, rule=rule)
+        sweep.update(index, fused.argmax(1), labels, view.level_map(level_map))
 
 
 def per_class_table(scores: dict[str, Any]) -> str:

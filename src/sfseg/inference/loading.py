@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
@@ -20,9 +19,9 @@ from torch import Tensor
 from sfseg.analysis import pixel_levels
 from sfseg.data.classes import dataset_palette, palette_for
 from sfseg.data.real import training_layout
-from sfseg.data.transforms import val_transform
+from sfseg.data.transforms import check_test_scale, val_transform
 from sfseg.inference.passes import image_logits, sparse_applies, whole_logits
-from sfseg.inference.pixels import fused_logits, pad_to_divisor
+from sfseg.inference.pixels import InputView, fused_logits
 from sfseg.inference.sources import read_model
 from sfseg.models import PyramidSegmenter
 from sfseg.pyramid import IGNORE_INDEX, FuseRule
@@ -88,9 +87,12 @@ class Predictor:
     sparse_inference: bool = True  # predict/logits compute each level only where the fuse keeps it
     # The model's hyperparameters as stored (SpecializeAndFuseModule's arguments), for writing it again.
     hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    # Every image is resized by it before the network and its prediction resized back (data.test_scale).
+    test_scale: float = 1.0
 
     def __post_init__(self) -> None:
         autocast(self.device, self.autocast, key="autocast")  # validates the dtype before any work
+        self.test_scale = check_test_scale(self.test_scale, "test_scale")
         # A known dataset's own colours first: a checkpoint recorded the palette of its day.
         self.palette = dataset_palette(self.class_names) or self.palette or palette_for(self.class_names)
         self.net = self.net.to(self.device).eval()
@@ -117,43 +119,48 @@ class Predictor:
     def autocast_context(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.autocast)
 
+    def view(self, size: tuple[int, int]) -> InputView:
+        """How an image of `size` reaches the network (resized by the test scale, padded) and back."""
+        return InputView.of(size, self.test_scale, self.net.size_divisor)
+
     @torch.inference_mode()
     def predict(self, rgb: np.ndarray, fuse_levels: bool = True) -> Prediction:
-        """An HxWx3 uint8 RGB image of any size -> its class map and per-pixel level map."""
-        height, width = rgb.shape[:2]
+        """An HxWx3 uint8 RGB image of any size -> its class map and per-pixel level map, at its size
+        (the network sees it resized by the test scale, as validation and sfseg.eval do)."""
         normalised = val_transform(pad_divisor=None)(image=rgb)["image"]
         images = torch.from_numpy(normalised.transpose(2, 0, 1)).unsqueeze(0).to(self.device)
+        view = self.view(rgb.shape[:2])
         with self.autocast_context():
             logits, level_map = image_logits(
-                self.net,
-                pad_to_divisor(images, self.net.size_divisor),
-                self.tau,
-                fuse_levels,
-                self.sparse_inference,
+                self.net, view.images(images), self.tau, fuse_levels, self.sparse_inference
             )
-        levels = pixel_levels(level_map, logits.shape[-2:])
+        levels = pixel_levels(view.level_map(level_map), view.size)
         return Prediction(
-            mask=logits[0, :, :height, :width].argmax(0).cpu().numpy(),
-            level_map=levels[0, :height, :width].cpu().numpy(),
+            mask=view.restore(logits)[0].argmax(0).cpu().numpy(), level_map=levels[0].cpu().numpy()
         )
 
     @torch.inference_mode()
     def logits(self, images: Tensor, fuse_levels: bool = True) -> Tensor:
-        """Fused logits [B, C, H, W] of a normalised image batch of any size (padded and cropped back)."""
+        """Fused logits [B, C, H, W] of a normalised image batch of any size (resized by the test scale,
+        padded, and brought back to H x W)."""
         with self.autocast_context():
             return whole_logits(
-                self.net, images.to(self.device), self.tau, fuse_levels, self.sparse_inference
+                self.net,
+                images.to(self.device),
+                self.tau,
+                fuse_levels,
+                self.sparse_inference,
+                self.test_scale,
             )
 
     @torch.inference_mode()
     def pyramid_figure(self, images: Tensor, labels: Tensor) -> plt.Figure:
         """The two pyramids, the level map and the fused output of normalised images [B, 3, H, W]
-        next to their labels [B, H, W]; both are padded to the size divisor (padding ignored)."""
-        images = pad_to_divisor(images.to(self.device), self.net.size_divisor)
-        height, width = labels.shape[-2:]
-        labels = F.pad(
-            labels, (0, images.shape[-1] - width, 0, images.shape[-2] - height), value=self.ignore_index
-        )
+        next to their labels [B, H, W], as the network sees them: resized by the test scale (labels
+        nearest) and padded to the size divisor (padding ignored)."""
+        view = self.view(labels.shape[-2:])
+        images = view.images(images.to(self.device))
+        labels = view.labels(labels.to(self.device), self.ignore_index)
         with self.autocast_context():
             out = self.net(images)
         fused, level_map = fused_logits(out, images.shape[-2:], self.tau, rule=self.fuse_rule)
@@ -254,6 +261,7 @@ def load(
         ignore_index=int(hparams.get("ignore_index", IGNORE_INDEX)),
         palette=[tuple(colour) for colour in hparams.get("palette") or ()],
         label_values=hparams.get("label_values"),
+        test_scale=float(hparams.get("test_scale", 1.0)),
         checkpoint=stored.path,
         data_config=stored.run_config,
         sparse_inference=sparse_inference,

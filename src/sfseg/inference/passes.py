@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sfseg.data.transforms import size_pair
-from sfseg.inference.pixels import fused_logits, pad_images, pad_to_divisor, upsample
+from sfseg.inference.pixels import InputView, fused_logits, pad_images, upsample
 from sfseg.pyramid import FuseRule
 
 EVAL_MODES = ("whole", "slide")
@@ -98,12 +98,18 @@ def sparse_applies(net: nn.Module) -> bool:
 
 
 def whole_logits(
-    net: nn.Module, images: Tensor, tau: float, fuse_levels: bool = True, sparse: bool = True
+    net: nn.Module,
+    images: Tensor,
+    tau: float,
+    fuse_levels: bool = True,
+    sparse: bool = True,
+    scale: float = 1.0,
 ) -> Tensor:
-    """Logits [B, C, H, W] of the whole image, padded to the model's size divisor and cropped back."""
-    height, width = images.shape[-2:]
-    logits, _ = image_logits(net, pad_to_divisor(images, net.size_divisor), tau, fuse_levels, sparse)
-    return logits[..., :height, :width]
+    """Logits [B, C, H, W] of the whole image: resized by `scale` (the model's test scale), padded to
+    the model's size divisor, and brought back to H x W (`InputView`)."""
+    view = InputView.of(images.shape[-2:], scale, net.size_divisor)
+    logits, _ = image_logits(net, view.images(images), tau, fuse_levels, sparse)
+    return view.restore(logits)
 
 
 def window_starts(length: int, window: int, step: int) -> list[int]:
@@ -152,14 +158,18 @@ def predict_logits(net: nn.Module, images: Tensor, settings: InferenceSettings, 
     return whole_logits(net, images, tau, settings.fuse, settings.sparse)
 
 
-def tta_probabilities(net: nn.Module, images: Tensor, settings: InferenceSettings, tau: float) -> Tensor:
+def tta_probabilities(
+    net: nn.Module, images: Tensor, settings: InferenceSettings, tau: float, test_scale: float = 1.0
+) -> Tensor:
     """Softmax probabilities [B, C, H, W] averaged over `settings.scales` (x flip), each taken at the
     original resolution: the logits of a rescaled (and flipped) image are flipped back and resized
-    bilinearly to H x W before the softmax."""
+    bilinearly to H x W before the softmax. The scales are relative to the model's `test_scale`
+    (mmsegmentation's ratios of its test Resize): scale s resizes the image by s x test_scale."""
     height, width = images.shape[-2:]
     total: Tensor | None = None
     views = 0
     for scale in settings.scales:
+        scale *= test_scale
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         scaled = images
         if size != (height, width):
