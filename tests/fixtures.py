@@ -151,16 +151,19 @@ def make_cityscapes(root: Path, seed: int = 0) -> Path:
 CAMVID_COUNTS = {"train": 4, "val": 2, "test": 3}
 
 
-def make_camvid(root: Path, seed: int = 0, counts: dict[str, int] | None = None) -> Path:
+def make_camvid(
+    root: Path, seed: int = 0, counts: dict[str, int] | None = None, size: tuple[int, int] = (HEIGHT, WIDTH)
+) -> Path:
     """SegNet's CamVid release: <split>/<name>.png RGB images and <split>annot/<name>.png ids 0..10, 11 =
-    void, named by sequence and frame as the release names them (0001TP_006690.png)."""
+    void, named by sequence and frame as the release names them (0001TP_006690.png); `size` (H, W): the
+    release's is 360 x 480."""
     rng = np.random.default_rng(seed)
     root = root / "camvid"
     for split, count in (counts or CAMVID_COUNTS).items():
         for frame in range(count):
             name = f"0001TP_{6690 + 30 * frame:06d}.png"
-            write_image(root / split / name, rng)
-            write_label(root / f"{split}annot" / name, blocky(rng, np.arange(12)))
+            write_image(root / split / name, rng, *size)
+            write_label(root / f"{split}annot" / name, blocky(rng, np.arange(12), *size))
     return root
 
 

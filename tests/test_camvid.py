@@ -20,9 +20,13 @@ from hydra.core.global_hydra import GlobalHydra
 from mit_semseg.utils import intersectionAndUnion
 from PIL import Image
 
+from sfseg.ablation import CAMVID_STEPS
+from sfseg.builder import build
 from sfseg.data.classes import CAMVID_CLASSES
 from sfseg.data.datasets import CAMVID, CAMVID_VOID, SegmentationFiles
+from sfseg.data.real import CamVidDataModule
 from sfseg.eval import run as evaluate
+from sfseg.inference import InputView, fused_logits
 from sfseg.predict import run as predict
 from sfseg.train import train
 from tests.conftest import compose_config
@@ -113,3 +117,68 @@ def test_a_label_value_outside_the_classes_names_its_file(tmp_path: Path):
     ) as error:
         files[1]
     assert "0-11" in str(error.value)  # the allowed raw values: the classes and void
+
+
+# The recipes at CamVid's own 360 x 480: (experiment, test scale, training crop, network input of a val image)
+RECIPES = {"camvid_cpu": (0.5, (160, 160), (192, 256)), "camvid": (1.0, (352, 480), (384, 480))}
+
+
+@pytest.mark.parametrize("experiment", RECIPES)
+def test_camvid_recipes_compose_and_fit_the_network_at_camvids_size(
+    experiment: str, tmp_path: Path, run_dir: Path
+):
+    test_scale, crop, network_input = RECIPES[experiment]
+    root = make_camvid(tmp_path, counts={"train": 2, "val": 1}, size=(360, 480))
+    overrides = [f"experiment={experiment}", f"data.root={root}", "model.backbone.pretrained=false"]
+    cfg = compose_config([*overrides, "trainer.accelerator=cpu", "data.num_workers=0"], run_dir)
+    datamodule, model, _ = build(cfg)
+    datamodule.setup("fit")  # checks the crop against the network's size divisor
+    assert datamodule.train_set[0]["image"].shape[-2:] == crop
+    batch = next(iter(datamodule.val_dataloader()))
+    # with a test scale the images stay 360 x 480 (the model resizes, then pads); without, padded to 32
+    assert tuple(batch["label"].shape[-2:]) == ((360, 480) if test_scale != 1.0 else (384, 480))
+    view = InputView.of(batch["label"].shape[-2:], model.test_scale, model.net.size_divisor)
+    assert (model.test_scale, view.padded) == (test_scale, network_input)
+    with torch.no_grad():
+        out = model.eval().net(view.images(batch["image"][:1]))
+    logits, level_map = fused_logits(out, view, model.tau)
+    assert logits.shape == (1, NUM_CLASSES, *batch["label"].shape[-2:])
+    finest = (network_input[0] // 4, network_input[1] // 4)
+    assert tuple(out.semantic[-1].shape[-2:]) == tuple(level_map.shape[-2:]) == finest
+
+
+def test_the_cpu_recipe_is_the_presets_and_the_gpu_recipe_follows_pp_liteseg(run_dir: Path):
+    cpu = compose_config(["experiment=camvid_cpu", "data.root=/data"], run_dir)
+    assert (
+        cpu.trainer.max_steps == CAMVID_STEPS and cpu.trainer.max_steps % cpu.trainer.val_check_interval == 0
+    )
+    assert (cpu.model.levels, cpu.model.backbone.name, cpu.model.backbone.pretrained) == (
+        4,
+        "hrnet_w18_small",
+        False,
+    )
+    gpu = compose_config(["experiment=camvid", "data.root=/data"], run_dir)
+    optimizer = gpu.model.optimizer
+    # PP-LiteSeg's CamVid schedule: 10k iterations of 24 images, SGD 0.01 poly 0.9, wd 5e-4, 200 warmup iterations from 1e-5
+    assert (gpu.trainer.max_steps, gpu.global_batch_size, gpu.data.batch_size) == (10000, 24, 24)
+    assert (optimizer.name, optimizer.lr, optimizer.weight_decay, optimizer.poly_power) == (
+        "sgd",
+        0.01,
+        5e-4,
+        0.9,
+    )
+    assert optimizer.warmup_steps == 200 and optimizer.lr * optimizer.warmup_ratio == pytest.approx(1e-5)
+    assert list(gpu.data.scale_range) == [0.5, 2.5] and gpu.model.backbone.pretrained
+
+
+def test_pictures_take_scenes_spread_over_the_split_not_consecutive_frames(tmp_path: Path):
+    # CamVid's files sorted by name are runs of consecutive frames of one drive: the pictures of pyramid.png,
+    # the notebook and W&B take the first and the last image and others evenly between them.
+    root = make_camvid(tmp_path, counts={"train": 1, "val": 9})
+    module = CamVidDataModule(root=str(root), crop_size=64, batch_size=1, num_workers=0)
+    module.setup("validate")
+    images, labels = module.val_examples(3)
+    expected = [module.val_set[index] for index in (0, 4, 8)]
+    assert torch.equal(images, torch.stack([sample["image"] for sample in expected]))
+    assert torch.equal(labels, torch.stack([sample["label"] for sample in expected]))
+    assert module.val_examples(20)[0].shape[0] == 9  # never more than the split

@@ -8,13 +8,16 @@ L=1 jobs and two L=4 jobs. Every expected number is worked out in the comments."
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from sfseg.ablation import minutes_left, progress_line
 from sfseg.runs import write_validation
 from sfseg.sweeps import (
     add_focus_metrics,
@@ -27,8 +30,10 @@ from sfseg.sweeps import (
     summarize,
     table9_markdown,
     to_markdown,
+    write_levels_report,
     write_mechanism_report,
     write_report,
+    write_study_report,
 )
 
 CLASSES = ("sky", "water", "grass")
@@ -414,3 +419,140 @@ def test_a_layout_takes_a_job_whatever_the_yaml_type_of_its_values() -> None:
     assert selects({"where": {"model.levels": 4}}, {"config": {"model": {"levels": "4"}}})
     assert not selects({"where": {"model.levels": "1"}}, run)
     assert selects({"name": "no condition"}, run)
+
+
+# --- real-data levels report (python -m sfseg.ablation --preset camvid), studies, sweep progress -----------
+
+
+def with_headroom_and_minutes(
+    sweep: Path, extra: dict[str, dict[str, float]], minutes: dict[str, float]
+) -> None:
+    """Add level-1 and oracle mIoU to each job's metrics.json (as real jobs of any L have them) and set
+    its wall-clock minutes (from writing .hydra/overrides.yaml to writing metrics.json)."""
+    for name, values in extra.items():
+        job = sweep / name
+        metrics = json.loads((job / "metrics.json").read_text())
+        (job / "metrics.json").write_text(json.dumps({**metrics, **values}))
+        os.utime(job / ".hydra" / "overrides.yaml", (1_000_000, 1_000_000))
+        end = 1_000_000 + 60 * minutes[name]
+        os.utime(job / "metrics.json", (end, end))
+
+
+def test_levels_report_of_hand_made_jobs(goals_met_sweep: Path):
+    with_headroom_and_minutes(
+        goals_met_sweep,
+        {
+            "0_L1_seed0": {"mIoU_level1": 0.5, "mIoU_oracle": 0.5},
+            "1_L1_seed1": {"mIoU_level1": 0.6, "mIoU_oracle": 0.6},
+            "2_L4_seed0": {"mIoU_level1": 0.7, "mIoU_oracle": 1.0},
+            "3_L4_seed1": {"mIoU_level1": 0.8, "mIoU_oracle": 0.9},
+        },
+        {"0_L1_seed0": 2, "1_L1_seed1": 4, "2_L4_seed0": 5, "3_L4_seed1": 7},
+    )
+    md_path, csv_path, markdown = write_levels_report(goals_met_sweep, ("small", ["water"]), "A title")
+    lines = markdown.splitlines()
+    header = (
+        "| L | seeds | fused | finest only | level 1 alone | oracle fuse | fused, small classes | "
+        "fused, other 2 classes | minutes per job |"
+    )
+    start = lines.index(header)
+    assert lines[start + 2 : start + 4] == [
+        # L=1: 50, 60; water 25, 40; sky and grass (25 + 100) / 2, (40 + 100) / 2 = 62.5, 70; 2 and 4 min
+        "| 1 | 2 | 55.00 ± 7.07 | 55.00 ± 7.07 | 55.00 ± 7.07 | 55.00 ± 7.07 | 32.50 ± 10.61 | 66.25 ± 5.30 | 3.0 |",
+        # L=4: 100, 85; finest 5/9 twice; level 1 70, 80; oracle 100, 90; water 100, 75; others 100, 90
+        "| 4 | 2 | 92.50 ± 10.61 | 55.56 ± 0.00 | 75.00 ± 7.07 | 95.00 ± 7.07 | 87.50 ± 17.68 | 95.00 ± 7.07 | 6.0 |",
+    ]
+    per_class = lines.index("| class | L=1 | L=4 |")
+    assert lines[per_class + 2 : per_class + 6] == [
+        "| **water** | 32.50 ± 10.61 | 87.50 ± 17.68 |",  # the small classes first
+        "| *other classes* | | |",
+        "| sky | 32.50 ± 10.61 | 90.00 ± 14.14 |",
+        "| grass | 100.00 ± 0.00 | 100.00 ± 0.00 |",
+    ]
+    assert (
+        "### Table 9 of one L=4 job (2_L4_seed0): " in markdown and "| 4 | 100.00 | - | - | 33.33 |" in lines
+    )
+    assert md_path.read_text() == markdown and (goals_met_sweep / "report.png").stat().st_size > 10_000
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["model.levels"], float(row["minutes_mean"])) for row in rows] == [("1", 3.0), ("4", 6.0)]
+
+
+def write_trial(sweep: Path, number: int, params: dict[str, str], miou: float, minutes: float) -> None:
+    """A finished trial of an Optuna study as Hydra leaves it: its overrides, the sweeper's config in
+    .hydra/hydra.yaml, and train()'s metrics.json."""
+    job = sweep / f"trial_{number}"
+    (job / ".hydra").mkdir(parents=True)
+    overrides = [f"{key}={value}" for key, value in params.items()] + ["experiment=camvid_cpu"]
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    sweeper = {
+        "n_trials": 3,
+        "sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 0, "n_startup_trials": 2},
+        "params": {
+            "model.optimizer.lr": "tag(log, interval(0.0005, 0.008))",
+            "data.crop_size": "choice(128, 160)",
+        },
+    }
+    (job / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"sweeper": sweeper}}, sort_keys=False)
+    )
+    metrics = {"mIoU": miou, "mIoU_finest": miou, "per_class_iou": {"sky": miou}, "step": 800}
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    os.utime(job / ".hydra" / "overrides.yaml", (1_000_000, 1_000_000))
+    os.utime(job / "metrics.json", (1_000_000 + 60 * minutes, 1_000_000 + 60 * minutes))
+
+
+def test_study_report_lists_the_trials_best_first_with_their_parameters(tmp_path: Path):
+    write_trial(
+        tmp_path, 0, {"model.optimizer.lr": "0.002289851460477038", "data.crop_size": "224"}, 0.40, 5.5
+    )
+    write_trial(tmp_path, 1, {"model.optimizer.lr": "0.001", "data.crop_size": "160"}, 0.45, 6.0)
+    (tmp_path / "trial_2" / ".hydra").mkdir(parents=True)  # started, not finished
+    _, _, markdown = write_study_report(tmp_path)
+    lines = markdown.splitlines()
+    assert lines[:4] == [
+        "| trial | model.optimizer.lr | data.crop_size | fused | finest only | level 1 | steps | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+        "| trial_1 | 0.001 | 160 | 45.00 | 45.00 | 45.00 | 800 | 6.0 |",
+        "| trial_0 | 0.00229 | 224 | 40.00 | 40.00 | 40.00 | 800 | 5.5 |",
+    ]
+    assert "- `data.crop_size`: `choice(128, 160)`" in lines
+    assert (
+        "2 trials finished of 3; sampler optuna.samplers.TPESampler (seed 0, 2 random trials first)." in lines
+    )
+    assert "1 trial(s) have no metrics.json (failed or still running)." in lines
+    (tmp_path / "optimization_results.yaml").write_text(
+        yaml.safe_dump(
+            {"best_params": {"model.optimizer.lr": 0.001, "data.crop_size": 160}, "best_value": 0.45},
+            sort_keys=False,
+        )
+    )
+    assert write_study_report(tmp_path)[2].splitlines()[-1] == (
+        "Best (the sweeper's optimization_results.yaml): `model.optimizer.lr=0.001`, `data.crop_size=160`, "
+        "fused mIoU 45.00 %."
+    )
+
+
+def test_sweep_progress_estimates_the_jobs_left_by_their_kind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    axes = {"model.levels": ["1", "4"], "seed": ["0", "1", "2"]}
+    finished = []
+    for name, levels, seed, minutes in (("0_a", 1, 0, 10.0), ("1_b", 1, 1, 12.0), ("3_c", 4, 0, 15.0)):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(
+            yaml.safe_dump([f"model.levels={levels}", f"seed={seed}"])
+        )
+        (job / "metrics.json").write_text(json.dumps({"mIoU": 0.5}))
+        os.utime(job / ".hydra" / "overrides.yaml", (1_000_000, 1_000_000))
+        os.utime(job / "metrics.json", (1_000_000 + 60 * minutes, 1_000_000 + 60 * minutes))
+        finished.append(job)
+    # left: one L=1 job (mean of its kind 11 min) and two L=4 jobs (15 min each)
+    assert minutes_left(axes, finished) == pytest.approx(11 + 2 * 15)
+    monkeypatch.setattr("time.time", lambda: 1_000_000 + 60 * 37)
+    assert progress_line(finished[-1], finished, axes, started=1_000_000) == (
+        "[3/6] 3_c: fused mIoU 50.00 %, 15.0 min; 37 min since the start, about 41 min left (3 jobs)"
+    )
+    # jobs of a kind none has finished take the mean of all finished jobs
+    assert minutes_left({"model.levels": ["1", "2"], "seed": ["0"]}, finished[:1]) == pytest.approx(10.0)

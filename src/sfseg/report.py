@@ -45,10 +45,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--focus takes a name and at least one class name")
     focus = (args.focus[0], args.focus[1:]) if args.focus else None
     study = (args.sweep_dir / STUDY_RESULTS).is_file() or args.study
-    if study:
-        md_path, csv_path, markdown = write_study_report(args.sweep_dir)
-    else:
-        md_path, csv_path, markdown = write_report(args.sweep_dir, args.by, args.metrics, focus)
+    try:
+        if study:
+            md_path, csv_path, markdown = write_study_report(args.sweep_dir)
+        else:
+            md_path, csv_path, markdown = write_report(args.sweep_dir, args.by, args.metrics, focus)
+    except FileNotFoundError as error:  # no finished job yet
+        parser.error(str(error))
     print(markdown)
     print(f"written: {md_path} and {csv_path}")
 
