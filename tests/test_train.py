@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -84,3 +85,25 @@ def test_multirun_runs_one_job_per_combination(tmp_path: Path):
         assert f"model.levels={hparams['levels']}" in overrides
         assert f"model/context={hparams['context']['name']}" in overrides
     assert len(seen) == 4
+
+
+def test_the_final_steps_are_validated_when_the_last_validation_came_before_them(tmp_path: Path):
+    # 16 scenes in batches of 4: validation at the end of each epoch (step 4); trainer.max_steps=6 ends
+    # fit mid-epoch, so the final weights are validated too, and the better of the two is reported.
+    run_dir = tmp_path / "run"
+    overrides = [override for override in TINY if not override.startswith("trainer.max_steps")]
+    result = run_train(*overrides, "trainer.max_steps=6", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with (run_dir / "csv" / "metrics.csv").open() as handle:
+        validations = {
+            int(row["step"]): float(row["val/mIoU"]) for row in csv.DictReader(handle) if row["val/mIoU"]
+        }
+    assert set(validations) == {
+        3,
+        6,
+    }  # Lightning logs the step-4 validation at step 3; the final weights at 6
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(max(validations.values()), abs=1e-6)
+    final_wins = validations[6] > validations[3]
+    name = Path(metrics["checkpoint"]).name
+    assert (name == "last.ckpt") if final_wins else name.startswith("step000004")

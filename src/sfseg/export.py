@@ -74,6 +74,12 @@ def run(cfg: DictConfig) -> ExportedModel | Path:
         f"H and W multiples of {predictor.net.size_divisor}"
         + ("" if cfg.dynamic or cfg.format == "torchscript" else f", fixed size {size[0]}x{size[1]}")
     )
+    if predictor.test_scale != 1.0:
+        print(
+            f"note: the model was trained for images resized by its test scale {predictor.test_scale:g} "
+            "(data.test_scale); the exported graph maps the pixels it is given, so resize images by that "
+            "factor before it, as sfseg.predict does, and its mask back"
+        )
     return exported
 
 

@@ -312,6 +312,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         rules = [rule.label for rule in self.compared_rules]
         self.val_metrics = PyramidMetrics(num_classes, levels, tau, ignore_index, rules, self.test_scale)
         self.last_val_scores: dict[str, float] = {}
+        self.validated_step = -1  # the training step of the last validation during fit
         self.last_val_per_class: dict[str, list[float]] = {}
         # PyramidMetrics' states (confusion matrices, unity hits, cells per level) of the last validation.
         self.last_val_counts: dict[str, Tensor] = {}
@@ -399,6 +400,8 @@ class SpecializeAndFuseModule(L.LightningModule):
             }
         self.log_dict({f"val/{name}": value for name, value in scores.items()})
         self.val_metrics.reset()
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.validated_step = self.global_step
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """model.optimizer's SGD or AdamW over the parameter groups: encoder, heads (head_lr_mult) and

@@ -28,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from sfseg.builder import build, save_pyramid_png
 from sfseg.callbacks import LastCheckpoint
 from sfseg.cli import hydra_main
+from sfseg.data.datamodule import SegmentationDataModule
+from sfseg.module import SpecializeAndFuseModule
 from sfseg.runs import (
     CHECKPOINT_FOLDER,
     LAST_CHECKPOINT,
@@ -113,9 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         except SIGTERMException as stop:
             # Lightning ends a SIGTERMed fit with exit status 0; last.ckpt is saved, the run is not done.
             raise SystemExit(128 + signal.SIGTERM) from stop
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        checkpoint = evaluated_checkpoint(best, last)
-        trainer.validate(model, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
+        checkpoint = validate_the_best(trainer, model, datamodule, last)
     metrics = {
         **model.last_val_scores,
         "per_class_iou": dict(zip(model.class_names, model.last_val_per_class["iou"], strict=True)),
@@ -128,6 +128,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save_pyramid_png(model, datamodule, run_dir / "pyramid.png", cfg.num_pyramid_images)
             print_summary(metrics, model.levels, run_dir)
     return metrics
+
+
+def validate_the_best(
+    trainer: L.Trainer, model: SpecializeAndFuseModule, datamodule: SegmentationDataModule, last: Path
+) -> str:
+    """Validate the checkpoint the run reports: the best by val/mIoU, or without one the final weights.
+    When fit's last validation came before its last step (trainer.max_steps not a multiple of the
+    validation interval), the final weights (last.ckpt) are validated too and win if they score higher,
+    so no training step is lost to the choice. Returns the checkpoint; the model keeps its scores."""
+    callback = trainer.checkpoint_callback
+    best = callback.best_model_path if callback else ""
+    if best and model.validated_step < trainer.global_step and last.is_file():
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(last), verbose=False)
+        if model.last_val_scores["mIoU"] > float(callback.best_model_score):
+            return str(last)
+    checkpoint = evaluated_checkpoint(best, last)
+    trainer.validate(model, datamodule=datamodule, ckpt_path=checkpoint or None, verbose=False)
+    return checkpoint
 
 
 def check_global_batch(cfg: DictConfig) -> None:
