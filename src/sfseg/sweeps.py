@@ -404,6 +404,21 @@ def table9_markdown(job: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table9_of_first_job(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], top: int) -> list[str]:
+    """Markdown lines: Table 9 and the shares of the first job (by job number) with L = `top`; none for
+    top = 1."""
+    if top == 1:
+        return []
+    shown = min((run for run in runs if levels_of[run["job"]] == top), key=lambda run: job_order(run["job"]))
+    return [
+        "",
+        f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
+        "pixels the fused map takes from level l",
+        "",
+        table9_markdown(shown["job"]).rstrip(),
+    ]
+
+
 def write_mechanism_report(
     sweep_dir: str | Path, groups: Mapping[str, Sequence[str]], notes: Sequence[str] = ()
 ) -> tuple[Path, Path, str]:
@@ -443,17 +458,7 @@ def write_mechanism_report(
     lines += ["", "### Per-class IoU of the fused output (%, mean over seeds)", ""]
     lines += per_class_markdown(runs, levels_of)
     top = max(levels_of.values())
-    if top > 1:
-        shown = min(
-            (run for run in runs if levels_of[run["job"]] == top), key=lambda run: job_order(run["job"])
-        )
-        lines += [
-            "",
-            f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
-            "pixels the fused map takes from level l",
-            "",
-            table9_markdown(shown["job"]).rstrip(),
-        ]
+    lines += table9_of_first_job(runs, levels_of, top)
     lines += ["", *headroom_markdown(runs, groups)]
     lines += ["### Goals", "", *mechanism_goals(runs, levels_of, top)]
     markdown = "\n".join(lines) + "\n"
@@ -606,14 +611,25 @@ def write_fuse_report(
     return md_path, csv_path, markdown
 
 
-def per_class_markdown(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int]) -> list[str]:
-    """One row per class, one column per L: the fused output's IoU (%), mean over the seeds of that L."""
+def per_class_markdown(
+    runs: Sequence[dict[str, Any]],
+    levels_of: Mapping[str, int],
+    spread: bool = False,
+    apart: Sequence[str] = (),
+) -> list[str]:
+    """One row per class, one column per L: the fused output's IoU (%), mean over the seeds of that L
+    (`spread`: ± the sample standard deviation). The classes of `apart` come first, in bold, and the
+    others after a separator row."""
     levels = sorted(set(levels_of.values()))
+    classes = list(runs[0]["metrics"]["per_class_iou"])
+    others = [cls for cls in classes if cls not in apart]
     lines = [
         "| class | " + " | ".join(f"L={level}" for level in levels) + " |",
         "|" + "---|" * (len(levels) + 1),
     ]
-    for cls in runs[0]["metrics"]["per_class_iou"]:
+    for cls in [*(cls for cls in classes if cls in apart), *others]:
+        if apart and others and cls == others[0]:
+            lines.append("| *other classes* |" + " |" * len(levels))
         texts = []
         for level in levels:
             values = [
@@ -621,8 +637,12 @@ def per_class_markdown(runs: Sequence[dict[str, Any]], levels_of: Mapping[str, i
                 for run in runs
                 if levels_of[run["job"]] == level and run["metrics"]["per_class_iou"][cls] is not None
             ]
-            texts.append(f"{statistics.fmean(values):.2f}" if values else "-")
-        lines.append(f"| {cls} | " + " | ".join(texts) + " |")
+            if not values:
+                texts.append("-")
+                continue
+            deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+            texts.append(f"{statistics.fmean(values):.2f}" + (f" ± {deviation:.2f}" if spread else ""))
+        lines.append(f"| {f'**{cls}**' if cls in apart else cls} | " + " | ".join(texts) + " |")
     return lines
 
 
@@ -785,20 +805,10 @@ def write_levels_report(
         "",
         "### Per-class IoU of the fused output (%, mean ± spread over seeds)",
         "",
-        *per_class_spread_markdown(runs, levels_of, small_classes),
+        *per_class_markdown(runs, levels_of, spread=True, apart=small_classes),
     ]
     top = max(levels_of.values())
-    if top > 1:
-        shown = min(
-            (run for run in runs if levels_of[run["job"]] == top), key=lambda run: job_order(run["job"])
-        )
-        lines += [
-            "",
-            f"### Table 9 of one L={top} job ({Path(shown['job']).name}): mIoU (%) of level l' on the "
-            "pixels the fused map takes from level l",
-            "",
-            table9_markdown(shown["job"]).rstrip(),
-        ]
+    lines += table9_of_first_job(runs, levels_of, top)
     lines += [
         "",
         "### Each job: mIoU (%), steps and wall-clock minutes (start-up and validations included)",
@@ -849,32 +859,3 @@ def levels_figure(
     }
     curves = {arm: [validation_curve(run["job"]) for run in members] for arm, members in arms.items()}
     return arms_figure(per_class, curves, small_classes, title)
-
-
-def per_class_spread_markdown(
-    runs: Sequence[dict[str, Any]], levels_of: Mapping[str, int], small_classes: Sequence[str]
-) -> list[str]:
-    """One row per class (the small classes first, in bold, then the others after a separator row), one
-    column per L: the fused IoU (%) as mean ± spread over the seeds of that L."""
-    levels = sorted(set(levels_of.values()))
-    classes = list(runs[0]["metrics"]["per_class_iou"])
-    others = [c for c in classes if c not in small_classes]
-    lines = [
-        "| class | " + " | ".join(f"L={level}" for level in levels) + " |",
-        "|" + "---|" * (len(levels) + 1),
-    ]
-    for cls in [*(c for c in classes if c in small_classes), *others]:
-        if others and cls == others[0]:
-            lines.append("| *other classes* |" + " |" * len(levels))
-        texts = []
-        for level in levels:
-            values = [
-                100 * run["metrics"]["per_class_iou"][cls]
-                for run in runs
-                if levels_of[run["job"]] == level and run["metrics"]["per_class_iou"][cls] is not None
-            ]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            texts.append(f"{statistics.fmean(values):.2f} ± {spread:.2f}" if values else "-")
-        label = f"**{cls}**" if cls in small_classes else cls
-        lines.append(f"| {label} | " + " | ".join(texts) + " |")
-    return lines
