@@ -182,3 +182,20 @@ def test_pictures_take_scenes_spread_over_the_split_not_consecutive_frames(tmp_p
     assert torch.equal(images, torch.stack([sample["image"] for sample in expected]))
     assert torch.equal(labels, torch.stack([sample["label"] for sample in expected]))
     assert module.val_examples(20)[0].shape[0] == 9  # never more than the split
+
+
+def test_the_studies_compose_with_the_optuna_sweeper_and_equal_time_trials(run_dir: Path):
+    overrides = ["experiment=camvid_cpu", "data.root=/data", "data.crop_size=224", "data.test_scale=0.5"]
+    shared = compose_config([*overrides, "hparams_search=camvid_cpu", "search.scale_ratio=2.0"], run_dir)
+    assert shared.hydra.sweeper._target_.endswith("OptunaSweeper") and shared.hydra.mode.name == "MULTIRUN"
+    assert shared.model.levels == 1 and shared.hydra.sweeper.n_trials >= 8
+    assert shared.trainer.max_steps == round(
+        800 * 160**2 / 224**2
+    )  # equal time: fewer steps for a larger crop
+    assert list(shared.data.scale_range) == [0.25, 1.0]  # test scale / ratio .. test scale x ratio
+    sf = compose_config([*overrides, "hparams_search=camvid_cpu_sf", "search.coarse_weight=0.5"], run_dir)
+    assert (
+        sf.model.levels == 4 and sf.hydra.sweeper.n_trials == shared.hydra.sweeper.n_trials
+    )  # equal budgets
+    assert list(sf.model.loss.level_weights) == [0.5, 0.5, 0.5, 1.0]
+    assert set(sf.hydra.sweeper.params) == {"model.tau", "model.relabel.policy", "search.coarse_weight"}
