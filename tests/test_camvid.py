@@ -120,7 +120,7 @@ def test_a_label_value_outside_the_classes_names_its_file(tmp_path: Path):
 
 
 # The recipes at CamVid's own 360 x 480: (experiment, test scale, training crop, network input of a val image)
-RECIPES = {"camvid_cpu": (0.5, (160, 160), (192, 256)), "camvid": (1.0, (352, 480), (384, 480))}
+RECIPES = {"camvid_cpu": (0.625, (224, 224), (256, 320)), "camvid": (1.0, (352, 480), (384, 480))}
 
 
 @pytest.mark.parametrize("experiment", RECIPES)

@@ -118,6 +118,15 @@ def startup_seconds(repeats: int = 3) -> float:
     return median_seconds({"start": lambda: subprocess.run(command, check=True)}, repeats)["start"]
 
 
+def validations_during_fit(trainer: DictConfig, steps: int, steps_per_epoch: int) -> int:
+    """How often fit validates: every `val_check_interval` steps (an int, with check_val_every_n_epoch
+    null), else every check_val_every_n_epoch epochs."""
+    interval = trainer.get("val_check_interval")
+    if trainer.get("check_val_every_n_epoch") is None and isinstance(interval, int):
+        return steps // interval
+    return steps // steps_per_epoch // int(trainer.check_val_every_n_epoch)
+
+
 def bench_training(overrides: Sequence[str], quick: bool = False) -> dict[str, Any]:
     """Each piece of a training run's time (medians; `quick`: of fewer repeats), for the projection."""
     warmup, repeats, startup_repeats = (1, 2, 1) if quick else (2, 10, 3)
@@ -135,7 +144,7 @@ def bench_training(overrides: Sequence[str], quick: bool = False) -> dict[str, A
         picture = time.perf_counter() - start
     steps = int(cfg.trainer.max_steps)
     steps_per_epoch = len(datamodule.train_set) // batch_size
-    validations = steps // steps_per_epoch // int(cfg.trainer.check_val_every_n_epoch) + 1  # + the final one
+    validations = validations_during_fit(cfg.trainer, steps, steps_per_epoch) + 1  # + the final one
     return {
         "overrides": list(overrides),
         "batch_size": batch_size,
