@@ -89,9 +89,12 @@ def test_weights_are_kept_as_plain_floats():
     assert settings == LossSettings(class_weights=(1.0, 2.0, 0.0))
 
 
-def test_median_frequency_is_counted_on_the_train_split_and_kept_in_the_run(tmp_path: Path, run_dir: Path):
+@pytest.mark.parametrize(("method", "power"), [("median_frequency", 1.0), ("sqrt_median_frequency", 0.5)])
+def test_median_frequency_is_counted_on_the_train_split_and_kept_in_the_run(
+    method: str, power: float, tmp_path: Path, run_dir: Path
+):
     root = make_camvid(tmp_path / "data")
-    overrides = [*fixture_run_overrides("camvid", root), "model.loss.class_weights=median_frequency"]
+    overrides = [*fixture_run_overrides("camvid", root), f"model.loss.class_weights={method}"]
     _, model, _ = build(compose_config(overrides, run_dir), run_dir)
     # An independent count over the train labels (void 11 left out).
     pixels, image_pixels = np.zeros(11), np.zeros(11)
@@ -101,12 +104,12 @@ def test_median_frequency_is_counted_on_the_train_split_and_kept_in_the_run(tmp_
         image_pixels += (counts > 0) * counts.sum()
     present = image_pixels > 0
     frequency = np.where(present, pixels / np.maximum(image_pixels, 1), 0)
-    expected = np.where(present, np.median(frequency[present]) / np.where(present, frequency, 1), 0)
+    expected = np.where(present, np.median(frequency[present]) / np.where(present, frequency, 1), 0) ** power
     assert present.sum() >= 9  # a real median over the classes
     np.testing.assert_allclose(model.loss_settings.class_weights, expected, rtol=1e-9)
     assert model.hparams.loss["class_weights"] == pytest.approx(expected.tolist())  # in the checkpoint
     record = json.loads((run_dir / "class_weights.json").read_text())
-    assert record["method"] == "median_frequency" and record["images"] == 4
+    assert record["method"] == method and record["images"] == 4
     np.testing.assert_allclose(record["weights"], expected)
     assert record["classes"]["sky"]["pixels"] == pixels[0]
     # A resumed run reads the recorded weights instead of counting again.

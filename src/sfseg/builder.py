@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
@@ -17,7 +18,6 @@ from sfseg.module import CLASS_WEIGHT_METHODS, SpecializeAndFuseModule
 from sfseg.runs import plain, write_json
 from sfseg.visualize import save_figure
 
-(MEDIAN_FREQUENCY,) = CLASS_WEIGHT_METHODS
 CLASS_WEIGHTS_FILE = "class_weights.json"
 
 
@@ -25,12 +25,12 @@ def build(
     cfg: DictConfig, run_dir: Path | None = None
 ) -> tuple[SegmentationDataModule, SpecializeAndFuseModule, L.Trainer]:
     """Instantiate the datamodule, the LightningModule and the Trainer of a composed config. With
-    model.loss.class_weights=median_frequency the weights are counted on the train split and kept in
-    `run_dir`/class_weights.json (a resumed run reads them back)."""
+    model.loss.class_weights=median_frequency or sqrt_median_frequency the weights are counted on the
+    train split and kept in `run_dir`/class_weights.json (a resumed run reads them back)."""
     datamodule: SegmentationDataModule = instantiate(cfg.data)
     loss = plain(cfg.model.get("loss")) or {"name": "ce"}
-    if loss.get("class_weights") == MEDIAN_FREQUENCY:
-        loss["class_weights"] = median_frequency_class_weights(datamodule, run_dir)
+    if loss.get("class_weights") in CLASS_WEIGHT_METHODS:
+        loss["class_weights"] = counted_class_weights(loss["class_weights"], datamodule, run_dir)
     model = instantiate(
         cfg.model,
         num_classes=datamodule.num_classes,
@@ -49,26 +49,31 @@ def build(
     return datamodule, model, trainer
 
 
-def median_frequency_class_weights(datamodule: SegmentationDataModule, run_dir: Path | None) -> list[float]:
-    """model.loss.class_weights=median_frequency: SegNet's weights of the datamodule's train split,
-    written to `run_dir`/class_weights.json with the counts they come from; read back from that file
-    when it exists (a resumed run, or a DDP rank after rank 0), so a run computes them once."""
+def counted_class_weights(
+    method: str, datamodule: SegmentationDataModule, run_dir: Path | None
+) -> list[float]:
+    """model.loss.class_weights=median_frequency (SegNet's weights) or sqrt_median_frequency (their square
+    roots) on the datamodule's train split, written to `run_dir`/class_weights.json with the counts they
+    come from; read back from that file when it exists (a resumed run, or a DDP rank after rank 0), so a
+    run counts them once."""
     record = run_dir / CLASS_WEIGHTS_FILE if run_dir is not None else None
     if record is not None and record.is_file():
         return json.loads(record.read_text())["weights"]
     datamodule.setup("fit")
     stats = count_split(datamodule, "train", progress=False)
-    weights = stats.median_frequency_weights().tolist()
+    median_frequency = stats.median_frequency_weights()
+    weights = (np.sqrt(median_frequency) if method == "sqrt_median_frequency" else median_frequency).tolist()
     if record is not None and rank_zero_only.rank == 0:
         classes = {
             name: {
                 "pixels": int(stats.class_pixels[index]),
                 "pixels_of_images_with_it": int(stats.class_image_pixels[index]),
+                "median_frequency_weight": float(median_frequency[index]),
                 "weight": weights[index],
             }
             for index, name in enumerate(datamodule.classes)
         }
-        content = {"method": MEDIAN_FREQUENCY, "split": "train", "images": stats.images, "weights": weights}
+        content = {"method": method, "split": "train", "images": stats.images, "weights": weights}
         partial = record.with_suffix(".partial")
         write_json(partial, {**content, "classes": classes})
         partial.replace(record)  # whole or absent for another process that looks

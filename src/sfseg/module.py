@@ -58,8 +58,10 @@ OPTIMIZERS = ("sgd", "adamw")
 OCR_AUX_WEIGHT = 0.4
 
 
-# model.loss.class_weights computed from the training split by sfseg.builder before the module is built.
-CLASS_WEIGHT_METHODS = ("median_frequency",)
+# model.loss.class_weights computed from the training split by sfseg.builder before the module is built:
+# SegNet's median frequency balancing, and its square root (milder: on CamVid the full weights make the
+# small classes over-predicted, docs/real/camvid.md).
+CLASS_WEIGHT_METHODS = ("median_frequency", "sqrt_median_frequency")
 LOSS_KEYS = {"ce": set(), "ohem": {"thresh", "min_kept"}}
 WEIGHT_KEYS = {"class_weights", "level_weights"}
 
