@@ -496,6 +496,15 @@ def test_sweep_command_names_job_folders_by_what_varies(tmp_path: Path):
     assert "model.levels" not in keys and "model.tau" not in keys and "x" in keys
 
 
+def test_an_extra_override_of_a_presets_key_replaces_the_presets_value(tmp_path: Path):
+    command = sweep_command("camvid_factors", 10, "0", tmp_path, ["cell=L2,L4_naive", "data.root=/camvid"])
+    assert [item for item in command if item.startswith("cell=")] == ["cell=L2,L4_naive"]
+    assert "experiment=camvid_factors" in command  # the preset's other overrides stay
+    command = sweep_command("camvid", 10, "0", tmp_path, ["model.levels=4", "data.root=/camvid"])
+    assert [item for item in command if item.startswith("model.levels=")] == ["model.levels=4"]
+    assert "model.levels" in exclude_keys(command)  # no longer an axis: left out of the job names
+
+
 def exclude_keys(command: list[str]) -> list[str]:
     """The keys a sweep command leaves out of its job folder names."""
     prefix = "hydra.job.config.override_dirname.exclude_keys="

@@ -35,7 +35,8 @@ report.md starts with the command, the commit its jobs ran at and how busy the m
 table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes. As each job ends,
 the sweep prints its fused mIoU, its minutes and the estimated time left.
 
-Extra overrides (e.g. `data.data_seed=3`) apply to every job.
+Extra overrides (e.g. `data.data_seed=3`) apply to every job; one of a key the preset sets replaces the
+preset's value (e.g. `--preset camvid_factors cell=L2,L4_naive`: two of its cells).
 """
 
 from __future__ import annotations
@@ -336,15 +337,18 @@ def is_sweep(override: str) -> bool:
 def sweep_command(preset_name: str, steps: int, seeds: str, out: Path, extra: list[str]) -> list[str]:
     """The `python -m sfseg.train -m` command line of a preset. Job folders are named by what varies
     between jobs: the overrides that every job shares are left out of the names."""
-    preset = PRESETS[preset_name]
-    fixed = [override for override in (*preset.overrides, *extra) if not is_sweep(override)]
+    # An extra override of a key the preset sets replaces the preset's (e.g. cell=L2,L4_naive: some cells
+    # only); given twice to a multirun, the last value would win in every job of the product.
+    preset, replaced = PRESETS[preset_name], set(map(override_key, extra))
+    own = [override for override in preset.overrides if override_key(override) not in replaced]
+    fixed = [override for override in (*own, *extra) if not is_sweep(override)]
     hidden = ["seed", "trainer.max_steps", "ckpt_path", "task_name", *map(override_key, fixed)]
     return [
         sys.executable,
         "-m",
         "sfseg.train",
         "-m",
-        *preset.overrides,
+        *own,
         f"task_name={preset.task}",
         f"seed={seeds}",
         f"trainer.max_steps={steps}",
