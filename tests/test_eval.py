@@ -132,6 +132,9 @@ def test_a_test_scale_resizes_the_input_and_brings_the_logits_back():
     assert (view.scaled, view.padded) == ((25, 35), (32, 64))
     labels = torch.arange(50 * 70).view(1, 50, 70) % 7
     assert view.labels(labels, 255).shape == (1, 32, 64) and (view.labels(labels, 255)[:, 25:] == 255).all()
+    # the pictures draw the image's own cells only: the input's 25 x 35 pixels, 4 x 5 cells of 8 pixels
+    assert view.cells(torch.zeros(1, 3, 32, 64)).shape == (1, 3, 25, 35)
+    assert view.cells(torch.zeros(1, 4, 8)).shape == (1, 4, 5)
     # multi-scale ratios are relative to the test scale: 0.5 x 0.5 of 50 x 70 is 12 x 18, padded to 32 x 32
     net.sizes.clear()
     tta_probabilities(net, images, InferenceSettings(scales=(0.5, 1.0)), tau=0.9, test_scale=0.5)

@@ -380,7 +380,7 @@ class SpecializeAndFuseModule(L.LightningModule):
         self.log("val/loss", loss.total, batch_size=label.shape[0], sync_dist=True)
         fused, level_map = fused_logits(out, view, self.tau, rule=self.net.fuse_rule)
         fused_pred = fused.argmax(1)
-        level_map = view.level_map(level_map)
+        level_map = view.cells(level_map)
         self.val_metrics.update(
             fused_pred=fused_pred,
             level_preds=level_predictions(out, view),

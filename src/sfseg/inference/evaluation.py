@@ -269,7 +269,7 @@ def _score_pyramid(
         target=labels,
         unity_logits=out.unity,
         unity_targets=unity_targets,
-        level_map=view.level_map(level_map),
+        level_map=view.cells(level_map),
         rule_preds=rule_predictions(out, view, predictor.tau, rules),
     )
     calibration.update(out.unity, unity_targets)
@@ -286,7 +286,7 @@ def _sweep_taus(
     [B, H, W] (a rule that does not read tau gives the same row at every tau)."""
     for index, tau in enumerate(sweep.taus):
         fused, level_map = fused_logits(out, view, tau, rule=rule)
-        sweep.update(index, fused.argmax(1), labels, view.level_map(level_map))
+        sweep.update(index, fused.argmax(1), labels, view.cells(level_map))
 
 
 def per_class_table(scores: dict[str, Any]) -> str:

@@ -134,7 +134,7 @@ class Predictor:
             logits, level_map = image_logits(
                 self.net, view.images(images), self.tau, fuse_levels, self.sparse_inference
             )
-        levels = pixel_levels(view.level_map(level_map), view.size)
+        levels = pixel_levels(view.cells(level_map), view.size)
         return Prediction(
             mask=view.restore(logits)[0].argmax(0).cpu().numpy(), level_map=levels[0].cpu().numpy()
         )
@@ -157,20 +157,21 @@ class Predictor:
     def pyramid_figure(self, images: Tensor, labels: Tensor) -> plt.Figure:
         """The two pyramids, the level map and the fused output of normalised images [B, 3, H, W]
         next to their labels [B, H, W], as the network sees them: resized by the test scale (labels
-        nearest) and padded to the size divisor (padding ignored)."""
+        nearest); the padding to the size divisor is not drawn."""
         view = self.view(labels.shape[-2:])
         images = view.images(images.to(self.device))
         labels = view.labels(labels.to(self.device), self.ignore_index)
         with self.autocast_context():
             out = self.net(images)
         fused, level_map = fused_logits(out, images.shape[-2:], self.tau, rule=self.fuse_rule)
+        crop = view.cells
         return pyramid_figure(
-            images,
-            labels,
-            out.semantic,
-            out.unity,
-            level_map,
-            fused.argmax(1),
+            crop(images),
+            crop(labels),
+            [crop(logits) for logits in out.semantic],
+            [crop(logits) for logits in out.unity],
+            crop(level_map),
+            crop(fused.argmax(1)),
             self.palette,
             tau=self.tau,
             ignore_index=self.ignore_index,

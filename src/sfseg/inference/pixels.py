@@ -136,8 +136,9 @@ class InputView:
         logits = upsample(logits, self.padded)[..., : self.scaled[0], : self.scaled[1]]
         return upsample(logits, self.size)
 
-    def level_map(self, level_map: Tensor) -> Tensor:
-        """The level map [B, h_L, w_L] of the padded input cropped to the finest cells that hold image
-        pixels (the last row and column may reach past the image by less than a cell)."""
-        stride = self.padded[0] // level_map.shape[-2]
-        return level_map[..., : math.ceil(self.scaled[0] / stride), : math.ceil(self.scaled[1] / stride)]
+    def cells(self, grid: Tensor) -> Tensor:
+        """A map [..., h, w] over the padded input (the input itself, a level's logits, the level map)
+        cropped to the cells that hold image pixels (the last row and column may reach past the image by
+        less than a cell)."""
+        stride = self.padded[0] // grid.shape[-2]
+        return grid[..., : math.ceil(self.scaled[0] / stride), : math.ceil(self.scaled[1] / stride)]
