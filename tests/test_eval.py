@@ -29,7 +29,7 @@ from sfseg.inference import (
     window_starts,
 )
 from sfseg.models import PyramidOutput
-from sfseg.visualize import denormalize
+from sfseg.visualize import DECIDED_ABOVE_RGB, denormalize, unity_decisions
 from tests.conftest import TINY, compose_config
 from tests.fixtures import make_ade20k
 from tests.processes import run_module
@@ -141,6 +141,17 @@ def test_a_test_scale_resizes_the_input_and_brings_the_logits_back():
     assert net.sizes == [(32, 32), (32, 64)]
     identity = InputView.of((64, 96), 1.0, 32)
     assert identity.scaled == identity.padded == identity.size
+
+
+def test_the_unity_pictures_of_a_test_scaled_input_keep_the_coarse_decisions_on_its_own_cells():
+    # 80 x 80 seen at 40 x 40, padded to 64 x 64: 3 x 3 cells of 16 pixels, 5 x 5 of 8 (not twice 3)
+    view = InputView.of((80, 80), 0.5, 32)
+    coarse, fine = torch.full((1, 4, 4), -10.0), torch.full((1, 8, 8), 10.0)
+    coarse[0, 0, 2] = 10.0  # decided there: fine columns 4 and 5, only 4 within the image
+    decisions = unity_decisions([view.cells(coarse), view.cells(fine)], tau=0.9)
+    assert decisions[0].shape == (1, 3, 3, 3) and decisions[1].shape == (1, 5, 5, 3)
+    decided_above = torch.from_numpy(decisions[1][0]).eq(torch.tensor(DECIDED_ABOVE_RGB)).all(-1)
+    assert decided_above[:2, 4].all() and decided_above.sum() == 2
 
 
 def test_sliding_window_averages_overlapping_windows_back_to_the_image():

@@ -90,7 +90,9 @@ def unity_decisions(unity_logits: Sequence[Tensor], tau: float) -> list[np.ndarr
     for level, logits in enumerate(unity_logits):
         logits = logits.detach().float().cpu()
         if above is not None:
-            above = repeat_cells(above, logits.shape[-1] // above.shape[-1])
+            # ceil and cut: maps cut to an image's cells (InputView.cells) may end in part of a coarse cell
+            factor = -(-logits.shape[-1] // above.shape[-1])
+            above = repeat_cells(above, factor)[..., : logits.shape[-2], : logits.shape[-1]]
         else:
             above = torch.zeros_like(logits, dtype=torch.bool)
         here = (logits >= threshold) & ~above
