@@ -7,14 +7,13 @@ import json
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.statistics import count_split
-from sfseg.module import CLASS_WEIGHT_METHODS, SpecializeAndFuseModule
+from sfseg.module import CLASS_WEIGHT_METHODS, CLASS_WEIGHT_POWERS, SpecializeAndFuseModule
 from sfseg.runs import plain, write_json
 from sfseg.visualize import save_figure
 
@@ -62,7 +61,7 @@ def counted_class_weights(
     datamodule.setup("fit")
     stats = count_split(datamodule, "train", progress=False)
     median_frequency = stats.median_frequency_weights()
-    weights = (np.sqrt(median_frequency) if method == "sqrt_median_frequency" else median_frequency).tolist()
+    weights = (median_frequency ** CLASS_WEIGHT_POWERS[method]).tolist()
     if record is not None and rank_zero_only.rank == 0:
         classes = {
             name: {

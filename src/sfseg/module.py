@@ -60,8 +60,9 @@ OCR_AUX_WEIGHT = 0.4
 
 # model.loss.class_weights computed from the training split by sfseg.builder before the module is built:
 # SegNet's median frequency balancing, and its square root (milder: on CamVid the full weights make the
-# small classes over-predicted, docs/real/camvid.md).
-CLASS_WEIGHT_METHODS = ("median_frequency", "sqrt_median_frequency")
+# small classes over-predicted, docs/real/camvid.md): each method's power of SegNet's weights.
+CLASS_WEIGHT_POWERS = {"median_frequency": 1.0, "sqrt_median_frequency": 0.5}
+CLASS_WEIGHT_METHODS = tuple(CLASS_WEIGHT_POWERS)
 LOSS_KEYS = {"ce": set(), "ohem": {"thresh", "min_kept"}}
 WEIGHT_KEYS = {"class_weights", "level_weights"}
 
