@@ -18,6 +18,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from mit_semseg.utils import intersectionAndUnion
+from omegaconf import OmegaConf
 from PIL import Image
 
 from sfseg.ablation import CAMVID_STEPS
@@ -147,7 +148,9 @@ def test_camvid_recipes_compose_and_fit_the_network_at_camvids_size(
     assert tuple(out.semantic[-1].shape[-2:]) == tuple(level_map.shape[-2:]) == finest
 
 
-def test_the_cpu_recipe_is_the_presets_and_the_gpu_recipe_follows_pp_liteseg(run_dir: Path):
+def test_the_cpu_recipe_is_the_presets_with_lighter_coarse_levels_and_the_gpu_recipe_follows_pp_liteseg(
+    run_dir: Path,
+):
     cpu = compose_config(["experiment=camvid_cpu", "data.root=/data"], run_dir)
     assert (
         cpu.trainer.max_steps == CAMVID_STEPS and cpu.trainer.max_steps % cpu.trainer.val_check_interval == 0
@@ -157,7 +160,20 @@ def test_the_cpu_recipe_is_the_presets_and_the_gpu_recipe_follows_pp_liteseg(run
         "hrnet_w18_small",
         False,
     )
+    # the coarse levels' CE x 0.25 for any L (L=1: Eq. 1), the factor study's L4_coarse_quarter cell exactly
+    assert list(cpu.model.loss.level_weights) == [0.25, 0.25, 0.25, 1.0]
+    for levels, weights in ((1, [1.0]), (2, [0.25, 1.0])):
+        other = compose_config(
+            ["experiment=camvid_cpu", "data.root=/data", f"model.levels={levels}"], run_dir
+        )
+        assert list(other.model.loss.level_weights) == weights
+    cell = compose_config(["experiment=camvid_factors", "data.root=/data", "cell=L4_coarse_quarter"], run_dir)
+    for key in ("model", "data", "trainer"):
+        assert OmegaConf.to_container(cell[key], resolve=True) == OmegaConf.to_container(
+            cpu[key], resolve=True
+        )
     gpu = compose_config(["experiment=camvid", "data.root=/data"], run_dir)
+    assert gpu.model.loss.level_weights is None  # the GPU recipe keeps Eq. 1
     optimizer = gpu.model.optimizer
     # PP-LiteSeg's CamVid schedule: 10k iterations of 24 images, SGD 0.01 poly 0.9, wd 5e-4, 200 warmup iterations from 1e-5
     assert (gpu.trainer.max_steps, gpu.global_batch_size, gpu.data.batch_size) == (10000, 24, 24)

@@ -28,8 +28,8 @@ Each preset trains a sweep at one shared step budget as one Hydra multirun, then
       seeds 0,1,2; fused, finest-only, level-1 and oracle-fuse mIoU, per-class IoU with the small classes
       apart, Table 9 and the share of cells of one L=4 job, minutes per job, and report.png (per-class IoU
       of both arms with their spread; val mIoU over the steps). docs/real/camvid.md.
-  camvid_factors  one factor of the CamVid L=4 recipe at a time (experiment=camvid_factors: L=2, the relabel
-      policies, no context module, lighter coarse levels, tau), seeds 0,1.
+  camvid_factors  one factor at a time of the CamVid L=4 run with Eq. 1's mean (experiment=camvid_factors:
+      L=2, the relabel policies, no context module, lighter coarse levels (the recipe now), tau), seeds 0,1.
 
 report.md starts with the command, the commit its jobs ran at and how busy the machine was, and the
 table presets list each job's fused, level-1 and finest mIoU and its wall-clock minutes. As each job ends,

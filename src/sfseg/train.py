@@ -82,6 +82,12 @@ def scale_range(test_scale: float, ratio: float) -> list[float]:
     return [test_scale / ratio, test_scale * ratio]
 
 
+def coarse_level_weights(levels: int, coarse_weight: float) -> list[float]:
+    """The `sfseg_coarse_level_weights` config resolver: model.loss.level_weights for any L, the coarse
+    levels' CE terms weighing `coarse_weight` each against the finest level's 1 (L=1: [1.0], Eq. 1)."""
+    return [float(coarse_weight)] * (int(levels) - 1) + [1.0]
+
+
 # conf/hydra/launcher/submitit_slurm.yaml spells out every key of the plugin's config of the same name,
 # so Hydra's deprecated merge onto that schema changes nothing; its warning would only alarm users.
 warnings.filterwarnings(
@@ -91,6 +97,7 @@ OmegaConf.register_new_resolver("per_device_batch", per_device_batch, replace=Tr
 OmegaConf.register_new_resolver("job_folder_label", job_folder_label, replace=True)
 OmegaConf.register_new_resolver("sfseg_equal_time_steps", equal_time_steps, replace=True)
 OmegaConf.register_new_resolver("sfseg_scale_range", scale_range, replace=True)
+OmegaConf.register_new_resolver("sfseg_coarse_level_weights", coarse_level_weights, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
