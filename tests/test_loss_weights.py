@@ -117,3 +117,14 @@ def test_median_frequency_is_counted_on_the_train_split_and_kept_in_the_run(
     (run_dir / "class_weights.json").write_text(json.dumps(record))
     _, resumed, _ = build(compose_config(overrides, run_dir), run_dir)
     assert resumed.loss_settings.class_weights[0] == 123.0
+
+
+def test_a_list_of_class_weights_reaches_the_module(tmp_path: Path, run_dir: Path):
+    weights = [float(c + 1) for c in range(11)]
+    overrides = [
+        *fixture_run_overrides("camvid", make_camvid(tmp_path / "data")),
+        f"model.loss.class_weights={weights}",
+    ]
+    _, model, _ = build(compose_config(overrides, run_dir), run_dir)
+    assert model.loss_settings.class_weights == tuple(weights)
+    assert not (run_dir / "class_weights.json").exists()  # nothing counted

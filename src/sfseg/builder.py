@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from sfseg.data.datamodule import SegmentationDataModule
 from sfseg.data.statistics import count_split
-from sfseg.module import CLASS_WEIGHT_POWERS, SpecializeAndFuseModule
+from sfseg.module import CLASS_WEIGHT_METHODS, CLASS_WEIGHT_POWERS, SpecializeAndFuseModule
 from sfseg.runs import plain, write_json
 from sfseg.visualize import save_figure
 
@@ -28,7 +28,7 @@ def build(
     train split and kept in `run_dir`/class_weights.json (a resumed run reads them back)."""
     datamodule: SegmentationDataModule = instantiate(cfg.data)
     loss = plain(cfg.model.get("loss")) or {"name": "ce"}
-    if loss.get("class_weights") in CLASS_WEIGHT_POWERS:
+    if loss.get("class_weights") in CLASS_WEIGHT_METHODS:  # a tuple: a list of weights compares, never hashes
         loss["class_weights"] = counted_class_weights(loss["class_weights"], datamodule, run_dir)
     model = instantiate(
         cfg.model,
